@@ -1,0 +1,171 @@
+//! `moe bench engine`: decode throughput of the in-process engine at several batch sizes
+//! after a fixed-length prompt, and of candle-transformers' Mixtral on the same
+//! checkpoint in the same run (when the checkpoint is a Mixtral). Prints numbers; asserts
+//! nothing.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use moe_model::checkpoint::Checkpoint;
+use moe_model::{Arch, KvPool, LocalExperts, Model, ModelSpec, StepSeq, WeightDtype};
+
+#[derive(clap::Args)]
+pub struct BenchEngineArgs {
+    /// Checkpoint directory (e.g. written by `moe checkpoint new --size bench`).
+    #[arg(long, env = "MOE_MODEL")]
+    model: PathBuf,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch: Vec<usize>,
+    /// Prompt length before decoding starts.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Decode steps timed per batch size.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Weight dtype of our engine.
+    #[arg(long, default_value = "f32")]
+    dtype: WeightDtype,
+    /// Skip the candle-transformers comparison.
+    #[arg(long)]
+    no_candle: bool,
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn prompts(batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|b| {
+            (0..len)
+                .map(|i| ((b * 7919 + i * 104_729 + 17) % vocab) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// Our engine: returns decode tokens/s.
+fn ours(
+    model: &Model,
+    experts: &LocalExperts,
+    batch: usize,
+    a: &BenchEngineArgs,
+) -> anyhow::Result<f64> {
+    let spec = model.spec();
+    let pool = KvPool::new(spec, batch * (a.prompt_tokens + a.decode_tokens + 32));
+    let ps = prompts(batch, a.prompt_tokens, spec.vocab_size);
+    let mut caches: Vec<_> = (0..batch).map(|_| pool.new_sequence()).collect();
+    let mut step: Vec<StepSeq<'_>> = ps
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(p, c)| StepSeq {
+            tokens: p,
+            cache: c,
+        })
+        .collect();
+    let logits = model.forward(&mut step, experts)?;
+    drop(step);
+    let mut next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
+    let t0 = Instant::now();
+    for _ in 0..a.decode_tokens {
+        let mut step: Vec<StepSeq<'_>> = next
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(t, c)| StepSeq {
+                tokens: t,
+                cache: c,
+            })
+            .collect();
+        let logits = model.forward(&mut step, experts)?;
+        next = logits.iter().map(|l| [argmax(l)]).collect();
+    }
+    Ok((batch * a.decode_tokens) as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// candle-transformers' Mixtral on the same files: returns decode tokens/s.
+fn candle_mixtral(
+    dir: &std::path::Path,
+    spec: &ModelSpec,
+    batch: usize,
+    a: &BenchEngineArgs,
+) -> anyhow::Result<f64> {
+    use candle_core::{DType, Device, Tensor};
+    use candle_transformers::models::mixtral;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    cfg["use_flash_attn"] = false.into();
+    if cfg["sliding_window"].is_null() {
+        cfg["sliding_window"] = spec.max_position_embeddings.into();
+    }
+    let cfg: mixtral::Config = serde_json::from_value(cfg).context("candle mixtral config")?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    let dev = Device::Cpu;
+    // SAFETY: read-only mapping of files this process does not modify.
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, &dev)? };
+    let mut m = mixtral::Model::new(&cfg, vb)?;
+    let ps = prompts(batch, a.prompt_tokens, spec.vocab_size);
+    let flat: Vec<u32> = ps.concat();
+    let input = Tensor::from_vec(flat, (batch, a.prompt_tokens), &dev)?;
+    let logits = m.forward(&input, 0)?;
+    let mut next = logits
+        .squeeze(1)
+        .unwrap_or(logits)
+        .argmax(candle_core::D::Minus1)?;
+    let t0 = Instant::now();
+    for i in 0..a.decode_tokens {
+        let input = next.reshape((batch, 1))?;
+        let logits = m.forward(&input, a.prompt_tokens + i)?;
+        next = logits
+            .squeeze(1)
+            .unwrap_or(logits)
+            .argmax(candle_core::D::Minus1)?;
+    }
+    Ok((batch * a.decode_tokens) as f64 / t0.elapsed().as_secs_f64())
+}
+
+pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
+    let spec = ModelSpec::from_dir(&a.model)?;
+    let ckpt = Checkpoint::open(&a.model, spec.fp8_block)?;
+    let model = Model::load_from(&ckpt, spec.clone(), a.dtype)?;
+    let experts = LocalExperts::load(&ckpt, &spec, &LocalExperts::all_of(&spec), a.dtype)?;
+    let with_candle = !a.no_candle && spec.arch == Arch::Mixtral;
+    println!(
+        "engine bench: {} hidden {} layers {} experts {} top-{} vocab {}; weights {:?}; {} threads; prompt {} tokens, {} decode steps",
+        spec.arch.hf_class(),
+        spec.hidden_size,
+        spec.num_layers,
+        spec.moe.num_experts,
+        spec.moe.top_k,
+        spec.vocab_size,
+        a.dtype,
+        rayon::current_num_threads(),
+        a.prompt_tokens,
+        a.decode_tokens
+    );
+    println!(
+        "{:>6} {:>16} {:>22}",
+        "batch", "moe tokens/s", "candle-transformers"
+    );
+    for &b in &a.batch {
+        let ours = ours(&model, &experts, b, &a)?;
+        let theirs = if with_candle {
+            format!("{:.1}", candle_mixtral(&a.model, &spec, b, &a)?)
+        } else {
+            "n/a".to_owned()
+        };
+        println!("{b:>6} {ours:>16.1} {theirs:>22}");
+    }
+    Ok(())
+}

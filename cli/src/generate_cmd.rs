@@ -1,0 +1,228 @@
+//! `moe generate`: offline batch inference. Reads one JSON request per line, runs them
+//! all through the engine in-process as one continuously batched workload, writes one
+//! JSON result per line in input order. A bad line becomes an error line with its index;
+//! the other lines still run.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use moe_model::checkpoint::Checkpoint;
+use moe_model::generate::{generate, GenerateOptions, Generated};
+use moe_model::{
+    LocalExperts, Model, ModelSpec, SamplingParams, SequenceRequest, StopParams, Tokenizer,
+    WeightDtype,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (Hugging Face format).
+    #[arg(long, env = "MOE_MODEL")]
+    model: PathBuf,
+    /// JSONL requests: {"prompt": ...} or {"prompt_token_ids": [...]}, plus sampling fields.
+    #[arg(long, env = "MOE_INPUT")]
+    input: PathBuf,
+    /// JSONL results, one per input line, in input order.
+    #[arg(long, env = "MOE_OUTPUT")]
+    output: PathBuf,
+    /// Compute dtype of the weights on CPU.
+    #[arg(long, env = "MOE_DTYPE", default_value = "f32")]
+    dtype: WeightDtype,
+    /// Tokens per forward step (decode tokens plus prefill chunks).
+    #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Sequences decoded at once.
+    #[arg(long, env = "MOE_MAX_RUNNING", default_value_t = 64)]
+    max_running: usize,
+    /// KV cache capacity in tokens.
+    #[arg(long, env = "MOE_KV_TOKENS", default_value_t = 1 << 17)]
+    kv_tokens: usize,
+}
+
+/// One input line. Unknown fields are errors, so a typo never silently does nothing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    prompt: Option<String>,
+    prompt_token_ids: Option<Vec<u32>>,
+    #[serde(default = "default_max_tokens")]
+    max_tokens: u32,
+    #[serde(default = "one")]
+    temperature: f32,
+    #[serde(default = "one")]
+    top_p: f32,
+    #[serde(default)]
+    top_k: u32,
+    #[serde(default)]
+    min_p: f32,
+    #[serde(default = "one")]
+    repetition_penalty: f32,
+    #[serde(default)]
+    presence_penalty: f32,
+    #[serde(default)]
+    frequency_penalty: f32,
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<StopField>,
+    #[serde(default)]
+    stop_token_ids: Vec<u32>,
+    #[serde(default)]
+    ignore_eos: bool,
+    logprobs: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn default_max_tokens() -> u32 {
+    16
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+fn to_request(line: Line, tok: &Tokenizer) -> anyhow::Result<SequenceRequest> {
+    let prompt = match (line.prompt, line.prompt_token_ids) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("invalid prompt: give `prompt` or `prompt_token_ids`, not both")
+        }
+        (None, None) => anyhow::bail!("invalid prompt: `prompt` or `prompt_token_ids` is required"),
+        (Some(text), None) => tok.encode(&text, true).context("tokenizing `prompt`")?,
+        (None, Some(ids)) => ids,
+    };
+    let sampling = SamplingParams {
+        temperature: line.temperature,
+        top_k: line.top_k,
+        top_p: line.top_p,
+        min_p: line.min_p,
+        repetition_penalty: line.repetition_penalty,
+        presence_penalty: line.presence_penalty,
+        frequency_penalty: line.frequency_penalty,
+        seed: line.seed,
+        logprobs: line.logprobs,
+    };
+    sampling.validate()?;
+    let stop = StopParams {
+        max_tokens: line.max_tokens,
+        stop_token_ids: line.stop_token_ids,
+        stop: match line.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s],
+            Some(StopField::Many(v)) => v,
+        },
+        ignore_eos: line.ignore_eos,
+    };
+    stop.validate()?;
+    Ok(SequenceRequest {
+        prompt,
+        sampling,
+        stop,
+    })
+}
+
+fn result_json(index: usize, g: &Generated) -> serde_json::Value {
+    let mut v = json!({
+        "index": index,
+        "text": g.text,
+        "token_ids": g.token_ids,
+        "finish_reason": g.finish_reason.as_str(),
+        "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.token_ids.len()},
+    });
+    if !g.logprobs.is_empty() {
+        v["logprobs"] = g
+            .logprobs
+            .iter()
+            .map(|s| {
+                json!({
+                    "token_id": s.token_id,
+                    "logprob": s.logprob,
+                    "top_logprobs": s.top_logprobs.iter().map(|(t, l)| json!({"token_id": t, "logprob": l})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+    }
+    v
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let spec = ModelSpec::from_dir(&a.model)?;
+    let ckpt = Checkpoint::open(&a.model, spec.fp8_block)?;
+    let tok = Tokenizer::from_dir(&a.model)?;
+    let started = std::time::Instant::now();
+    let model = Model::load_from(&ckpt, spec.clone(), a.dtype)?;
+    let experts = LocalExperts::load(&ckpt, &spec, &LocalExperts::all_of(&spec), a.dtype)?;
+    tracing::info!(arch = ?spec.arch, dtype = ?a.dtype, secs = started.elapsed().as_secs_f32(), "model loaded");
+
+    let file =
+        std::fs::File::open(&a.input).with_context(|| format!("opening {}", a.input.display()))?;
+    let mut slots: Vec<Result<usize, String>> = Vec::new();
+    let mut requests = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", a.input.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<Line>(&line)
+            .map_err(|e| format!("line {}: {e}", i + 1))
+            .and_then(|l| to_request(l, &tok).map_err(|e| format!("line {}: {e:#}", i + 1)));
+        match parsed {
+            Ok(r) => {
+                slots.push(Ok(requests.len()));
+                requests.push(r);
+            }
+            Err(e) => slots.push(Err(e)),
+        }
+    }
+    let opts = GenerateOptions {
+        max_batch_tokens: a.max_batch_tokens,
+        max_running: a.max_running,
+        kv_capacity_tokens: a.kv_tokens,
+        seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    };
+    let n_req = requests.len();
+    let gen_start = std::time::Instant::now();
+    let results = generate(&model, &experts, &tok, requests, &opts);
+    let secs = gen_start.elapsed().as_secs_f64();
+
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&a.output)
+            .with_context(|| format!("creating {}", a.output.display()))?,
+    );
+    let (mut ok, mut failed, mut tokens) = (0usize, 0usize, 0usize);
+    for (index, slot) in slots.iter().enumerate() {
+        let v = match slot {
+            Err(e) => {
+                failed += 1;
+                json!({"index": index, "error": e})
+            }
+            Ok(ri) => match &results[*ri] {
+                Ok(g) => {
+                    ok += 1;
+                    tokens += g.token_ids.len();
+                    result_json(index, g)
+                }
+                Err(e) => {
+                    failed += 1;
+                    json!({"index": index, "error": e.to_string()})
+                }
+            },
+        };
+        writeln!(out, "{v}")?;
+    }
+    out.flush()?;
+    eprintln!(
+        "{ok} done, {failed} failed; {n_req} requests, {tokens} tokens generated in {secs:.2}s ({:.1} tokens/s)",
+        tokens as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! `moe`: the one binary of moe-cluster. Thin by design: each subcommand parses its
+//! flags into a typed config and calls the libraries.
+
+mod bench_engine;
+mod checkpoint_cmd;
+mod generate_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "moe",
+    version,
+    about = "Serve Mixture-of-Experts models over a cluster of modest devices"
+)]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `moe_model=debug`.
+    #[arg(long, env = "MOE_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checkpoint tools.
+    Checkpoint {
+        #[command(subcommand)]
+        command: checkpoint_cmd::CheckpointCommand,
+    },
+    /// Offline batch inference over a JSONL file of requests.
+    Generate(generate_cmd::GenerateArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Decode throughput of the engine in-process, side by side with candle-transformers.
+    Engine(bench_engine::BenchEngineArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Checkpoint { command } => checkpoint_cmd::run(command),
+        Command::Generate(args) => generate_cmd::run(args),
+        Command::Bench { command } => match command {
+            BenchCommand::Engine(args) => bench_engine::run(args),
+        },
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

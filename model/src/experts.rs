@@ -1,0 +1,272 @@
+//! The expert feed-forward network (SwiGLU: `down(silu(gate(x)) * up(x))`), written once
+//! for routed experts, shared experts and dense layers, and the [`ExpertBackend`] seam:
+//! the model hands a MoE layer's rows with their top-k expert ids and weights to a
+//! backend and gets back the weighted sums. [`LocalExperts`] is the in-process backend;
+//! the router plugs a remote one (workers over gRPC) into the same trait.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rayon::prelude::*;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelSpec;
+use crate::error::ModelError;
+use crate::linalg::{silu, Linear, WeightDtype};
+
+/// An expert slot that is not to be computed (a worker given part of a row's experts).
+pub const NO_EXPERT: u32 = u32::MAX;
+
+/// Why a MoE layer could not be computed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExpertError {
+    #[error("expert {expert} of layer {layer} is not hosted here")]
+    NotHosted { layer: usize, expert: u32 },
+    /// The request itself is malformed (sizes disagree).
+    #[error("invalid expert request: {0}")]
+    Invalid(String),
+    /// No live copy of some experts could be reached.
+    #[error("experts unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// One MoE layer's work for a step: `rows` is `[n, hidden]`, `expert_ids` and `weights`
+/// are `[n, top_k]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MoeRequest<'a> {
+    pub layer: usize,
+    pub hidden: usize,
+    pub top_k: usize,
+    pub rows: &'a [f32],
+    pub expert_ids: &'a [u32],
+    pub weights: &'a [f32],
+}
+
+impl MoeRequest<'_> {
+    pub fn num_rows(&self) -> usize {
+        if self.hidden == 0 {
+            0
+        } else {
+            self.rows.len() / self.hidden
+        }
+    }
+
+    /// Checks that the sizes agree, so a backend never indexes out of bounds.
+    pub fn validate(&self) -> Result<(), ExpertError> {
+        if self.hidden == 0 || !self.rows.len().is_multiple_of(self.hidden) {
+            return Err(ExpertError::Invalid(format!(
+                "{} values are not a whole number of rows of width {}",
+                self.rows.len(),
+                self.hidden
+            )));
+        }
+        let n = self.rows.len() / self.hidden;
+        if self.expert_ids.len() != n * self.top_k || self.weights.len() != n * self.top_k {
+            return Err(ExpertError::Invalid(format!(
+                "{n} rows with top_k {} need {} expert ids and weights, got {} and {}",
+                self.top_k,
+                n * self.top_k,
+                self.expert_ids.len(),
+                self.weights.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Computes MoE layers: returns `[n, hidden]`, row i = Σ_k weights[i,k] · FFN_{ids[i,k]}(rows[i]).
+pub trait ExpertBackend: Send + Sync {
+    fn forward(&self, req: &MoeRequest<'_>) -> Result<Vec<f32>, ExpertError>;
+}
+
+/// A SwiGLU feed-forward block with gate and up fused into one matrix.
+pub struct Ffn {
+    gate_up: Linear,
+    down: Linear,
+    intermediate: usize,
+}
+
+impl Ffn {
+    /// Loads `gate`, `up`, `down` (each `[out, in]` as stored) from the checkpoint.
+    pub fn load(
+        ckpt: &Checkpoint,
+        names: &[String; 3],
+        hidden: usize,
+        intermediate: usize,
+        dtype: WeightDtype,
+    ) -> Result<Ffn, ModelError> {
+        let mut gu = ckpt.tensor_f32(&names[0], &[intermediate, hidden])?;
+        gu.extend(ckpt.tensor_f32(&names[1], &[intermediate, hidden])?);
+        let down = ckpt.tensor_f32(&names[2], &[hidden, intermediate])?;
+        Ok(Ffn {
+            gate_up: Linear::new(gu, 2 * intermediate, hidden, None, dtype),
+            down: Linear::new(down, hidden, intermediate, None, dtype),
+            intermediate,
+        })
+    }
+
+    /// `x` is `[m, hidden]`; returns `[m, hidden]`.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let i = self.intermediate;
+        let gu = self.gate_up.forward(x, m);
+        let mut h = vec![0f32; m * i];
+        for (t, row) in gu.chunks_exact(2 * i).enumerate() {
+            let (g, u) = row.split_at(i);
+            for ((o, gg), uu) in h[t * i..(t + 1) * i].iter_mut().zip(g).zip(u) {
+                *o = silu(*gg) * uu;
+            }
+        }
+        self.down.forward(&h, m)
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.gate_up.weight_bytes() + self.down.weight_bytes()
+    }
+}
+
+/// Routed experts held in this process, keyed by `(layer, expert)`.
+pub struct LocalExperts {
+    hidden: usize,
+    experts: HashMap<(usize, u32), Ffn>,
+}
+
+impl LocalExperts {
+    /// Loads exactly the listed experts, touching no other tensor of the checkpoint.
+    pub fn load(
+        ckpt: &Checkpoint,
+        spec: &ModelSpec,
+        which: &[(usize, u32)],
+        dtype: WeightDtype,
+    ) -> Result<LocalExperts, ModelError> {
+        let names: Vec<String> = which
+            .iter()
+            .flat_map(|(l, e)| spec.expert_tensor_names(*l, *e as usize))
+            .collect();
+        let bar = crate::model::progress_bar(ckpt.stored_bytes(&names), "experts");
+        let mut experts = HashMap::with_capacity(which.len());
+        for &(layer, e) in which {
+            if layer >= spec.num_layers || !spec.moe_layers().any(|l| l == layer) {
+                return Err(ModelError::InvalidInput {
+                    field: "experts",
+                    reason: format!("layer {layer} is not a MoE layer"),
+                });
+            }
+            if e as usize >= spec.moe.num_experts {
+                return Err(ModelError::InvalidInput {
+                    field: "experts",
+                    reason: format!(
+                        "expert {e} does not exist (the model has {})",
+                        spec.moe.num_experts
+                    ),
+                });
+            }
+            let n = spec.expert_tensor_names(layer, e as usize);
+            let ffn = Ffn::load(
+                ckpt,
+                &n,
+                spec.hidden_size,
+                spec.moe.intermediate_size,
+                dtype,
+            )?;
+            bar.inc(ckpt.stored_bytes(&n));
+            experts.insert((layer, e), ffn);
+        }
+        bar.finish_and_clear();
+        Ok(LocalExperts {
+            hidden: spec.hidden_size,
+            experts,
+        })
+    }
+
+    /// Every routed expert of every MoE layer.
+    pub fn all_of(spec: &ModelSpec) -> Vec<(usize, u32)> {
+        spec.moe_layers()
+            .flat_map(|l| (0..spec.moe.num_experts as u32).map(move |e| (l, e)))
+            .collect()
+    }
+
+    /// The `(layer, expert)` pairs held, sorted.
+    pub fn hosted(&self) -> Vec<(usize, u32)> {
+        let mut v: Vec<_> = self.experts.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.experts.values().map(Ffn::weight_bytes).sum()
+    }
+
+    /// Adds experts (e.g. a new placement) to those held.
+    pub fn extend(&mut self, other: LocalExperts) {
+        self.experts.extend(other.experts);
+    }
+
+    /// Drops experts no longer assigned here.
+    pub fn remove(&mut self, which: &[(usize, u32)]) {
+        for k in which {
+            self.experts.remove(k);
+        }
+    }
+}
+
+impl ExpertBackend for LocalExperts {
+    fn forward(&self, req: &MoeRequest<'_>) -> Result<Vec<f32>, ExpertError> {
+        req.validate()?;
+        if req.hidden != self.hidden {
+            return Err(ExpertError::Invalid(format!(
+                "rows are {} wide, the model's hidden size is {}",
+                req.hidden, self.hidden
+            )));
+        }
+        let h = self.hidden;
+        let n = req.num_rows();
+        // expert → (row, weight), in row order; BTreeMap gives a fixed expert order.
+        let mut groups: BTreeMap<u32, Vec<(usize, f32)>> = BTreeMap::new();
+        for row in 0..n {
+            for s in 0..req.top_k {
+                let e = req.expert_ids[row * req.top_k + s];
+                if e == NO_EXPERT {
+                    continue;
+                }
+                groups
+                    .entry(e)
+                    .or_default()
+                    .push((row, req.weights[row * req.top_k + s]));
+            }
+        }
+        let work: Vec<(u32, &Ffn, &Vec<(usize, f32)>)> = groups
+            .iter()
+            .map(|(e, rows)| {
+                self.experts
+                    .get(&(req.layer, *e))
+                    .map(|f| (*e, f, rows))
+                    .ok_or(ExpertError::NotHosted {
+                        layer: req.layer,
+                        expert: *e,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        // One matmul per expert over all its rows; experts run in parallel.
+        let outputs: Vec<Vec<f32>> = work
+            .par_iter()
+            .map(|(_, ffn, rows)| {
+                let mut x = Vec::with_capacity(rows.len() * h);
+                for (r, _) in rows.iter() {
+                    x.extend_from_slice(&req.rows[r * h..(r + 1) * h]);
+                }
+                ffn.forward(&x, rows.len())
+            })
+            .collect();
+        // Weighted sums, added in ascending expert order so a row's result does not
+        // depend on what else is in the batch.
+        let mut out = vec![0f32; n * h];
+        for ((_, _, rows), y) in work.iter().zip(&outputs) {
+            for (j, (r, w)) in rows.iter().enumerate() {
+                let dst = &mut out[r * h..(r + 1) * h];
+                for (d, v) in dst.iter_mut().zip(&y[j * h..(j + 1) * h]) {
+                    *d += w * v;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

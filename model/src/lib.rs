@@ -1,0 +1,39 @@
+//! moe-model: the math of moe-cluster, with no networking.
+//!
+//! - [`config`]: a Hugging Face `config.json` → one [`ModelSpec`] for all six architectures.
+//! - [`checkpoint`]: memory-mapped safetensors (sharded, f32/bf16/f16/FP8) → f32 tensors.
+//! - [`model`]: the dense model and its batched forward step; [`experts`]: the routed
+//!   experts and the [`ExpertBackend`] seam that the router fills with remote workers.
+//! - [`kv_cache`], [`attention`], [`rope`], [`routing`], [`linalg`]: the blocks.
+//! - [`sampling`], [`stop`], [`tokenizer`]: from logits to text.
+//! - [`tiny`]: writes small random-weight checkpoints in the exact Hugging Face format.
+//! - [`generate`]: offline batch generation over many requests.
+
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod demo_tokenizer;
+pub mod error;
+pub mod experts;
+pub mod generate;
+pub mod kv_cache;
+pub mod linalg;
+pub mod model;
+pub mod rope;
+pub mod routing;
+pub mod sampling;
+pub mod sequence;
+pub mod stop;
+pub mod tiny;
+pub mod tokenizer;
+
+pub use config::{Arch, ModelSpec};
+pub use error::ModelError;
+pub use experts::{ExpertBackend, ExpertError, LocalExperts, MoeRequest};
+pub use kv_cache::{KvPool, SeqCache};
+pub use linalg::WeightDtype;
+pub use model::{Model, StepSeq};
+pub use sampling::{Sampled, SamplingParams};
+pub use sequence::{Sequence, SequenceRequest};
+pub use stop::{FinishReason, StopParams};
+pub use tokenizer::Tokenizer;
