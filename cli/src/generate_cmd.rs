@@ -94,6 +94,9 @@ fn to_request(line: Line, tok: &Tokenizer) -> anyhow::Result<SequenceRequest> {
             anyhow::bail!("invalid prompt: give `prompt` or `prompt_token_ids`, not both")
         }
         (None, None) => anyhow::bail!("invalid prompt: `prompt` or `prompt_token_ids` is required"),
+        (Some(text), None) if text.is_empty() => {
+            anyhow::bail!("invalid prompt: the prompt is empty")
+        }
         (Some(text), None) => tok.encode(&text, true).context("tokenizing `prompt`")?,
         (None, Some(ids)) => ids,
     };

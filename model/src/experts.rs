@@ -43,11 +43,7 @@ pub struct MoeRequest<'a> {
 
 impl MoeRequest<'_> {
     pub fn num_rows(&self) -> usize {
-        if self.hidden == 0 {
-            0
-        } else {
-            self.rows.len() / self.hidden
-        }
+        self.rows.len().checked_div(self.hidden).unwrap_or(0)
     }
 
     /// Checks that the sizes agree, so a backend never indexes out of bounds.
@@ -233,12 +229,12 @@ impl ExpertBackend for LocalExperts {
                     .push((row, req.weights[row * req.top_k + s]));
             }
         }
-        let work: Vec<(u32, &Ffn, &Vec<(usize, f32)>)> = groups
+        let work: Vec<(&Ffn, &[(usize, f32)])> = groups
             .iter()
             .map(|(e, rows)| {
                 self.experts
                     .get(&(req.layer, *e))
-                    .map(|f| (*e, f, rows))
+                    .map(|f| (f, rows.as_slice()))
                     .ok_or(ExpertError::NotHosted {
                         layer: req.layer,
                         expert: *e,
@@ -248,7 +244,7 @@ impl ExpertBackend for LocalExperts {
         // One matmul per expert over all its rows; experts run in parallel.
         let outputs: Vec<Vec<f32>> = work
             .par_iter()
-            .map(|(_, ffn, rows)| {
+            .map(|(ffn, rows)| {
                 let mut x = Vec::with_capacity(rows.len() * h);
                 for (r, _) in rows.iter() {
                     x.extend_from_slice(&req.rows[r * h..(r + 1) * h]);
@@ -259,7 +255,7 @@ impl ExpertBackend for LocalExperts {
         // Weighted sums, added in ascending expert order so a row's result does not
         // depend on what else is in the batch.
         let mut out = vec![0f32; n * h];
-        for ((_, _, rows), y) in work.iter().zip(&outputs) {
+        for ((_, rows), y) in work.iter().zip(&outputs) {
             for (j, (r, w)) in rows.iter().enumerate() {
                 let dst = &mut out[r * h..(r + 1) * h];
                 for (d, v) in dst.iter_mut().zip(&y[j * h..(j + 1) * h]) {

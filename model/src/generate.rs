@@ -80,7 +80,7 @@ pub fn generate(
             req,
             &pool,
             tokenizer,
-            spec.max_position_embeddings,
+            spec,
             opts.seed.wrapping_add(index as u64),
         ) {
             Ok(seq) if need.min(spec.max_position_embeddings) > opts.kv_capacity_tokens => {

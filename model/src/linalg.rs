@@ -107,38 +107,27 @@ impl Linear {
 
     /// `x` is `[m, in]`; returns `[m, out]`.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        debug_assert_eq!(x.len(), m * self.in_dim);
-        let (n, k) = (self.out_dim, self.in_dim);
+        assert_eq!(x.len(), m * self.in_dim, "linear input size");
+        let n = self.out_dim;
         if m == 0 || n == 0 {
             return Vec::new();
         }
-        // Computed as [out, m] so each thread owns a contiguous block of output rows.
-        let mut yt = vec![0f32; n * m];
+        let mut y = vec![0f32; m * n];
         let threads = rayon::current_num_threads().max(1);
-        if n * k * m < PARALLEL_MIN_WORK || threads == 1 {
-            self.rows_into(0..n, x, m, &mut yt);
+        let out = OutPtr(y.as_mut_ptr());
+        if n * self.in_dim * m < PARALLEL_MIN_WORK || threads == 1 {
+            // SAFETY: `y` holds m × n floats; rows 0..n of every token are in bounds.
+            unsafe { self.rows_into(0..n, x, m, out) };
         } else {
             // Several blocks per thread so that an uneven split still balances.
             let block = (n.div_ceil(threads * 4)).div_ceil(4) * 4;
-            yt.par_chunks_mut(block * m)
-                .enumerate()
-                .for_each(|(i, chunk)| {
-                    let start = i * block;
-                    let end = (start + block).min(n);
-                    self.rows_into(start..end, x, m, chunk);
-                });
+            (0..n.div_ceil(block)).into_par_iter().for_each(|i| {
+                let rows = i * block..((i + 1) * block).min(n);
+                // SAFETY: blocks are disjoint row ranges, so no two tasks write the same
+                // element; all indices are inside `y`, which outlives the loop.
+                unsafe { self.rows_into(rows, x, m, out) };
+            });
         }
-        let mut y = if m == 1 {
-            yt
-        } else {
-            let mut y = vec![0f32; m * n];
-            for (r, row) in yt.chunks_exact(m).enumerate() {
-                for (t, v) in row.iter().enumerate() {
-                    y[t * n + r] = *v;
-                }
-            }
-            y
-        };
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(n) {
                 for (v, bb) in row.iter_mut().zip(b) {
@@ -149,33 +138,42 @@ impl Linear {
         y
     }
 
-    fn rows_into(&self, rows: std::ops::Range<usize>, x: &[f32], m: usize, out: &mut [f32]) {
+    /// # Safety
+    /// `out` points at an `[m, out_dim]` buffer; no other thread writes `rows`.
+    unsafe fn rows_into(&self, rows: std::ops::Range<usize>, x: &[f32], m: usize, out: OutPtr) {
         let k = self.in_dim;
+        let n = self.out_dim;
+        let base = out.0.add(rows.start);
         match &self.w {
             Weights::F32(w) => {
                 let w = &w[rows.start * k..rows.end * k];
                 #[cfg(target_arch = "x86_64")]
                 if simd::available() {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked above); slice bounds
-                    // are checked inside.
-                    unsafe { simd::rows_f32(w, x, k, m, out) };
+                    simd::rows_f32(w, x, k, m, base, n);
                     return;
                 }
-                portable::rows(w, x, k, m, out, |v: &f32| *v);
+                portable::rows(w, x, k, m, base, n, |v: &f32| *v);
             }
             Weights::Bf16(w) => {
                 let w = &w[rows.start * k..rows.end * k];
                 #[cfg(target_arch = "x86_64")]
                 if simd::available() {
-                    // SAFETY: as above.
-                    unsafe { simd::rows_bf16(w, x, k, m, out) };
+                    simd::rows_bf16(w, x, k, m, base, n);
                     return;
                 }
-                portable::rows(w, x, k, m, out, |v: &u16| bf16_to_f32(*v));
+                portable::rows(w, x, k, m, base, n, |v: &u16| bf16_to_f32(*v));
             }
         }
     }
 }
+
+/// The output buffer shared by the threads of one product; each writes its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used for disjoint writes within `Linear::forward`, which waits for all
+// writers before the buffer is read.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 #[inline]
 fn bf16_to_f32(b: u16) -> f32 {
@@ -185,12 +183,15 @@ fn bf16_to_f32(b: u16) -> f32 {
 /// The fallback kernel: 8 independent accumulators per output (vectorisable by the
 /// compiler), the same lane structure as the SIMD kernel.
 mod portable {
-    pub(super) fn rows<W>(
+    /// # Safety
+    /// `out` must be valid for writes at `t * ldo + r` for every t < m and row r of `w`.
+    pub(super) unsafe fn rows<W>(
         w: &[W],
         x: &[f32],
         k: usize,
         m: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ldo: usize,
         conv: impl Fn(&W) -> f32,
     ) {
         let kk = k / 8 * 8;
@@ -207,7 +208,7 @@ mod portable {
                 for i in kk..k {
                     s += conv(&wrow[i]) * xrow[i];
                 }
-                out[r * m + t] = s;
+                *out.add(t * ldo + r) = s;
             }
         }
     }
@@ -249,75 +250,107 @@ mod simd {
     }
 
     macro_rules! kernel {
-        ($name:ident, $tile:ident, $wty:ty, $load:ident, $conv:expr) => {
-            /// One tile: R weight rows × T token rows, 8 lanes each.
+        ($name:ident, $wty:ty, $load:ident, $conv:expr) => {
+            /// All of `w`'s rows against all `m` token rows of `x`; element (r, t) goes to
+            /// `out[t * ldo + r]`. Tiles of 4 weight rows × 2 tokens keep 8 accumulators
+            /// and 6 operands in registers; each element's arithmetic is the same in
+            /// every tile shape.
+            ///
+            /// # Safety
+            /// `out` must be valid for writes at every `t * ldo + r` (t < m, r < rows).
             #[target_feature(enable = "avx2,fma")]
-            #[inline]
-            unsafe fn $tile<const R: usize, const T: usize>(
+            pub(super) unsafe fn $name(
                 w: &[$wty],
                 x: &[f32],
                 k: usize,
-                r0: usize,
-                t0: usize,
                 m: usize,
-                out: &mut [f32],
+                out: *mut f32,
+                ldo: usize,
             ) {
-                let kk = k / 8 * 8;
-                let mut acc = [[_mm256_setzero_ps(); T]; R];
-                let wp = w.as_ptr().add(r0 * k);
-                let xp = x.as_ptr().add(t0 * k);
-                let mut i = 0;
-                while i < kk {
-                    let mut wv = [_mm256_setzero_ps(); R];
-                    for r in 0..R {
-                        wv[r] = $load(wp.add(r * k + i));
-                    }
-                    for t in 0..T {
-                        let xv = _mm256_loadu_ps(xp.add(t * k + i));
-                        for r in 0..R {
-                            acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-                        }
-                    }
-                    i += 8;
-                }
-                for r in 0..R {
-                    for t in 0..T {
-                        let mut s = finish(acc[r][t]);
-                        let wrow = &w[(r0 + r) * k..(r0 + r + 1) * k];
-                        let xrow = &x[(t0 + t) * k..(t0 + t + 1) * k];
-                        for j in kk..k {
-                            s += $conv(&wrow[j]) * xrow[j];
-                        }
-                        out[(r0 + r) * m + t0 + t] = s;
-                    }
-                }
-            }
-
-            /// All of `w`'s rows against all `m` token rows of `x`; `out` is `[rows, m]`.
-            #[target_feature(enable = "avx2,fma")]
-            pub(super) unsafe fn $name(w: &[$wty], x: &[f32], k: usize, m: usize, out: &mut [f32]) {
                 let n = w.len() / k;
-                assert!(x.len() >= m * k && out.len() >= n * m);
+                assert!(x.len() >= m * k && w.len() == n * k && ldo >= n);
+                let kk = k / 8 * 8;
+                let wp = w.as_ptr();
+                let xp = x.as_ptr();
+                // Finishes an element from its vector accumulator: lane sum, then the
+                // k % 8 leftover products in order.
+                let complete = |acc: __m256, r: usize, t: usize| -> f32 {
+                    let mut s = finish(acc);
+                    for j in kk..k {
+                        s += $conv(&w[r * k + j]) * x[t * k + j];
+                    }
+                    s
+                };
                 let mut r = 0;
                 while r + 4 <= n {
+                    let w0 = wp.add(r * k);
+                    let w1 = wp.add((r + 1) * k);
+                    let w2 = wp.add((r + 2) * k);
+                    let w3 = wp.add((r + 3) * k);
                     let mut t = 0;
                     while t + 2 <= m {
-                        $tile::<4, 2>(w, x, k, r, t, m, out);
+                        let x0 = xp.add(t * k);
+                        let x1 = xp.add((t + 1) * k);
+                        let z = _mm256_setzero_ps();
+                        let (mut a00, mut a01, mut a10, mut a11) = (z, z, z, z);
+                        let (mut a20, mut a21, mut a30, mut a31) = (z, z, z, z);
+                        let mut i = 0;
+                        while i < kk {
+                            let v0 = _mm256_loadu_ps(x0.add(i));
+                            let v1 = _mm256_loadu_ps(x1.add(i));
+                            let q = $load(w0.add(i));
+                            a00 = _mm256_fmadd_ps(q, v0, a00);
+                            a01 = _mm256_fmadd_ps(q, v1, a01);
+                            let q = $load(w1.add(i));
+                            a10 = _mm256_fmadd_ps(q, v0, a10);
+                            a11 = _mm256_fmadd_ps(q, v1, a11);
+                            let q = $load(w2.add(i));
+                            a20 = _mm256_fmadd_ps(q, v0, a20);
+                            a21 = _mm256_fmadd_ps(q, v1, a21);
+                            let q = $load(w3.add(i));
+                            a30 = _mm256_fmadd_ps(q, v0, a30);
+                            a31 = _mm256_fmadd_ps(q, v1, a31);
+                            i += 8;
+                        }
+                        for (dr, (c0, c1)) in [(a00, a01), (a10, a11), (a20, a21), (a30, a31)]
+                            .into_iter()
+                            .enumerate()
+                        {
+                            *out.add(t * ldo + r + dr) = complete(c0, r + dr, t);
+                            *out.add((t + 1) * ldo + r + dr) = complete(c1, r + dr, t + 1);
+                        }
                         t += 2;
                     }
                     if t < m {
-                        $tile::<4, 1>(w, x, k, r, t, m, out);
+                        let x0 = xp.add(t * k);
+                        let z = _mm256_setzero_ps();
+                        let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+                        let mut i = 0;
+                        while i < kk {
+                            let v0 = _mm256_loadu_ps(x0.add(i));
+                            a0 = _mm256_fmadd_ps($load(w0.add(i)), v0, a0);
+                            a1 = _mm256_fmadd_ps($load(w1.add(i)), v0, a1);
+                            a2 = _mm256_fmadd_ps($load(w2.add(i)), v0, a2);
+                            a3 = _mm256_fmadd_ps($load(w3.add(i)), v0, a3);
+                            i += 8;
+                        }
+                        for (dr, c) in [a0, a1, a2, a3].into_iter().enumerate() {
+                            *out.add(t * ldo + r + dr) = complete(c, r + dr, t);
+                        }
                     }
                     r += 4;
                 }
                 while r < n {
-                    let mut t = 0;
-                    while t + 2 <= m {
-                        $tile::<1, 2>(w, x, k, r, t, m, out);
-                        t += 2;
-                    }
-                    if t < m {
-                        $tile::<1, 1>(w, x, k, r, t, m, out);
+                    let w0 = wp.add(r * k);
+                    for t in 0..m {
+                        let x0 = xp.add(t * k);
+                        let mut a = _mm256_setzero_ps();
+                        let mut i = 0;
+                        while i < kk {
+                            a = _mm256_fmadd_ps($load(w0.add(i)), _mm256_loadu_ps(x0.add(i)), a);
+                            i += 8;
+                        }
+                        *out.add(t * ldo + r) = complete(a, r, t);
                     }
                     r += 1;
                 }
@@ -325,10 +358,8 @@ mod simd {
         };
     }
 
-    kernel!(rows_f32, tile_f32, f32, load_f32, |v: &f32| *v);
-    kernel!(rows_bf16, tile_bf16, u16, load_bf16, |v: &u16| {
-        super::bf16_to_f32(*v)
-    });
+    kernel!(rows_f32, f32, load_f32, |v: &f32| *v);
+    kernel!(rows_bf16, u16, load_bf16, |v: &u16| super::bf16_to_f32(*v));
 }
 
 /// RMSNorm of each `dim`-wide row of `x`, in place: `x / rms(x) * w`.

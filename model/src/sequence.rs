@@ -3,6 +3,7 @@
 //! sequences the same way: feed the next chunk (prompt pieces, then one token per step),
 //! and hand the last position's logits back to [`Sequence::on_logits`].
 
+use crate::config::ModelSpec;
 use crate::error::ModelError;
 use crate::kv_cache::{KvPool, SeqCache};
 use crate::sampling::{Sampled, Sampler, SamplingError, SamplingParams};
@@ -55,15 +56,17 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    /// Validates the request and sets up its state. `fallback_seed` seeds the sampler
+    /// Validates the request against the model (vocabulary, context) and sets up its
+    /// state, so a bad request fails alone instead of failing the step it would join. `fallback_seed` seeds the sampler
     /// when the request has no seed.
     pub fn new(
         req: SequenceRequest,
         pool: &KvPool,
         tokenizer: &Tokenizer,
-        max_len: usize,
+        spec: &ModelSpec,
         fallback_seed: u64,
     ) -> Result<Sequence, ModelError> {
+        let max_len = spec.max_position_embeddings;
         if req.prompt.is_empty() {
             return Err(ModelError::InvalidInput {
                 field: "prompt",
@@ -76,6 +79,15 @@ impl Sequence {
                 reason: format!(
                     "the prompt has {} tokens; the model's context is {max_len}, leaving no room to generate",
                     req.prompt.len()
+                ),
+            });
+        }
+        if let Some(bad) = req.prompt.iter().find(|t| **t as usize >= spec.vocab_size) {
+            return Err(ModelError::InvalidInput {
+                field: "prompt_token_ids",
+                reason: format!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    spec.vocab_size
                 ),
             });
         }
