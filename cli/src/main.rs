@@ -2,8 +2,11 @@
 //! flags into a typed config and calls the libraries.
 
 mod bench_engine;
+mod bench_serve;
 mod checkpoint_cmd;
 mod generate_cmd;
+mod serve_cmd;
+mod signals;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +33,10 @@ enum Command {
     },
     /// Offline batch inference over a JSONL file of requests.
     Generate(generate_cmd::GenerateArgs),
+    /// The standalone cluster: router plus in-process expert actors (demo model by default).
+    Serve(serve_cmd::ServeArgs),
+    /// A router: attention and scheduling here, experts on `--workers`.
+    Router(serve_cmd::ServeArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -41,6 +48,8 @@ enum Command {
 enum BenchCommand {
     /// Decode throughput of the engine in-process, side by side with candle-transformers.
     Engine(bench_engine::BenchEngineArgs),
+    /// Load-test a running router over gRPC: throughput, TTFT, inter-token and end-to-end latency.
+    Serve(bench_serve::BenchServeArgs),
 }
 
 fn main() {
@@ -54,8 +63,11 @@ fn main() {
     let result = match cli.command {
         Command::Checkpoint { command } => checkpoint_cmd::run(command),
         Command::Generate(args) => generate_cmd::run(args),
+        Command::Serve(args) => serve_cmd::run(args, serve_cmd::Mode::Standalone),
+        Command::Router(args) => serve_cmd::run(args, serve_cmd::Mode::Router),
         Command::Bench { command } => match command {
             BenchCommand::Engine(args) => bench_engine::run(args),
+            BenchCommand::Serve(args) => bench_serve::run(args),
         },
     };
     if let Err(e) = result {

@@ -1,1 +1,11 @@
-//! moe-control: membership (etcd and in-process), the pure placement planner and leader election. Filled by the serving and control-plane issues.
+//! moe-control: the control plane of moe-cluster.
+//!
+//! - [`placement`]: the pure placement planner — which device hosts which
+//!   `(layer, expert)`.
+//!
+//! Membership (etcd and in-process registries) and leader election join this crate with
+//! the control-plane work.
+
+pub mod placement;
+
+pub use placement::{plan, DeviceSlot, PlacementError, PlacementPlan, PlanInput};

@@ -1,1 +1,23 @@
-//! moe-router: client APIs, continuous-batching scheduler, the engine loop and expert dispatch to workers. Filled by the serving issue.
+//! moe-router: the serving front of moe-cluster.
+//!
+//! - [`grpc`] and [`http`]: the client APIs (gRPC `moe.v1.Generation`; HTTP
+//!   `/v1/completions`, `/metrics`, `/health`), over one [`grpc::Api`].
+//! - [`request`]: client request → validated `SequenceRequest`.
+//! - [`scheduler`]: the engine thread with continuous batching.
+//! - [`backend`] and [`remote`]: the expert backends — device actors in this process, or
+//!   workers over gRPC.
+//! - [`serve`]: wiring it all up, placement at start, graceful shutdown.
+//! - [`metrics`]: Prometheus names and the registry.
+
+pub mod backend;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod remote;
+pub mod request;
+pub mod scheduler;
+pub mod serve;
+
+pub use error::ServeError;
+pub use serve::{run_router, Bound, ExpertSource, RouterConfig};

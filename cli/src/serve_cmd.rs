@@ -1,0 +1,203 @@
+//! `moe serve` (router with in-process device actors: the standalone cluster) and
+//! `moe router` (router with remote workers). Flags → a validated `RouterConfig`; the
+//! effective config is logged once; SIGTERM/SIGINT drain and exit.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use moe_model::tiny::{self, Size, StoreDtype, TinyOptions};
+use moe_model::{Arch, WeightDtype};
+use moe_router::backend::DispatchConfig;
+use moe_router::scheduler::EngineConfig;
+use moe_router::{run_router, ExpertSource, RouterConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Checkpoint directory (Hugging Face format). `moe serve` without it serves the
+    /// built-in demo model (random weights).
+    #[arg(long, env = "MOE_MODEL")]
+    model: Option<PathBuf>,
+    /// gRPC listen address (port 0: any free port).
+    #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// HTTP listen address: /v1/completions, /metrics, /health.
+    #[arg(long, env = "MOE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    http_listen: String,
+    /// In-process devices, one expert actor each (`moe serve` only).
+    #[arg(
+        long,
+        env = "MOE_DEVICES",
+        value_delimiter = ',',
+        default_value = "cpu:0,cpu:1"
+    )]
+    devices: Vec<String>,
+    /// Worker addresses, host:port (`moe router` only).
+    #[arg(long, env = "MOE_WORKERS", value_delimiter = ',')]
+    workers: Vec<String>,
+    /// Weight precision on CPU.
+    #[arg(long, env = "MOE_DTYPE", default_value = "f32")]
+    dtype: WeightDtype,
+    /// Tokens per engine step (decodes + prefill chunks).
+    #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Sequences in the running batch.
+    #[arg(long, env = "MOE_MAX_RUNNING", default_value_t = 64)]
+    max_running: usize,
+    /// Requests allowed to wait; beyond that RESOURCE_EXHAUSTED / HTTP 429.
+    #[arg(long, env = "MOE_MAX_WAITING", default_value_t = 256)]
+    max_waiting: usize,
+    /// KV cache capacity in tokens.
+    #[arg(long, env = "MOE_KV_TOKENS", default_value_t = 1 << 17)]
+    kv_tokens: usize,
+    /// Copies of each expert.
+    #[arg(long, env = "MOE_EXPERT_REPLICAS", default_value_t = 1)]
+    expert_replicas: usize,
+    /// Deadline of one expert dispatch to one worker, in milliseconds.
+    #[arg(long, env = "MOE_DISPATCH_TIMEOUT_MS", default_value_t = 10_000)]
+    dispatch_timeout_ms: u64,
+    /// Retries of a failed expert dispatch.
+    #[arg(long, env = "MOE_DISPATCH_RETRIES", default_value_t = 3)]
+    dispatch_retries: u32,
+    /// How long workers may take to appear and load experts, in seconds.
+    #[arg(long, env = "MOE_STARTUP_TIMEOUT_SECS", default_value_t = 120)]
+    startup_timeout_secs: u64,
+    /// How long in-flight requests may take to finish on SIGTERM, in seconds.
+    #[arg(long, env = "MOE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    drain_timeout_secs: u64,
+}
+
+/// Which command is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Standalone,
+    Router,
+}
+
+/// The demo checkpoint's folder: `$MOE_CACHE_DIR`, else `$XDG_CACHE_HOME/moe-cluster`,
+/// else `~/.cache/moe-cluster`.
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MOE_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("moe-cluster");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache").join("moe-cluster"),
+        None => std::env::temp_dir().join("moe-cluster"),
+    }
+}
+
+/// Writes the built-in demo model on first use (deterministic: seed 0).
+fn demo_model() -> anyhow::Result<PathBuf> {
+    let dir = cache_dir().join("demo-deepseek_v3-tiny-seed0");
+    if dir.join("config.json").exists() && dir.join("model.safetensors").exists() {
+        return Ok(dir);
+    }
+    // Write next to it, then rename: a crash never leaves a half-written demo behind.
+    let tmp = cache_dir().join(format!(".demo-tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    tiny::write(
+        &tmp,
+        &TinyOptions {
+            arch: Arch::DeepseekV3,
+            size: Size::Tiny,
+            dtype: StoreDtype::F32,
+            seed: 0,
+            max_shard_bytes: None,
+        },
+    )
+    .with_context(|| format!("writing the demo model to {}", tmp.display()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("moving the demo model to {}", dir.display()))?;
+    Ok(dir)
+}
+
+pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
+    let model_dir = match (&a.model, mode) {
+        (Some(m), _) => m.clone(),
+        (None, Mode::Standalone) => {
+            let d = demo_model()?;
+            tracing::warn!(path = %d.display(), "serving the built-in demo model: a tiny DeepSeek-V3-style checkpoint with RANDOM weights (its text is gibberish); pass --model DIR for a real one");
+            d
+        }
+        (None, Mode::Router) => anyhow::bail!("--model is required"),
+    };
+    let experts = match mode {
+        Mode::Standalone => {
+            anyhow::ensure!(
+                !a.devices.is_empty(),
+                "--devices must name at least one device"
+            );
+            ExpertSource::Local {
+                devices: a.devices.clone(),
+            }
+        }
+        Mode::Router => {
+            anyhow::ensure!(
+                !a.workers.is_empty(),
+                "--workers must list at least one worker address (host:port)"
+            );
+            ExpertSource::Remote {
+                workers: a.workers.clone(),
+            }
+        }
+    };
+    anyhow::ensure!(
+        a.max_batch_tokens > 0 && a.max_running > 0,
+        "--max-batch-tokens and --max-running must be positive"
+    );
+    anyhow::ensure!(
+        a.expert_replicas > 0,
+        "--expert-replicas must be at least 1"
+    );
+    let cfg = RouterConfig {
+        model_dir,
+        dtype: a.dtype,
+        experts,
+        engine: EngineConfig {
+            max_batch_tokens: a.max_batch_tokens,
+            max_running: a.max_running,
+            max_waiting: a.max_waiting.max(1),
+            kv_capacity_tokens: a.kv_tokens,
+        },
+        dispatch: DispatchConfig {
+            deadline: Duration::from_millis(a.dispatch_timeout_ms.max(1)),
+            max_retries: a.dispatch_retries,
+            retry_backoff: Duration::from_millis(50),
+        },
+        replicas: a.expert_replicas,
+        startup_timeout: Duration::from_secs(a.startup_timeout_secs),
+        drain_timeout: Duration::from_secs(a.drain_timeout_secs),
+    };
+    tracing::info!(config = ?cfg, "starting router");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let grpc = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("binding --listen {}", a.listen))?;
+        let http = tokio::net::TcpListener::bind(&a.http_listen)
+            .await
+            .with_context(|| format!("binding --http-listen {}", a.http_listen))?;
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            crate::signals::wait_for_termination().await;
+            stop.cancel();
+        });
+        let name = if mode == Mode::Standalone { "serve" } else { "router" };
+        run_router(cfg, grpc, http, shutdown, |b| {
+            println!("moe {name} listening grpc={} http={}", b.grpc, b.http);
+            println!(
+                "try: curl -s http://{}/v1/completions -H 'content-type: application/json' -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16, \"temperature\": 0}}'",
+                b.http
+            );
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        })
+        .await
+    })
+}

@@ -1,0 +1,376 @@
+//! The router's expert backends, plugged into the model's `ExpertBackend` seam:
+//! [`LocalBackend`] calls device actors in this process (standalone mode);
+//! [`RemoteBackend`] sends each worker, concurrently, only the rows and expert slots it
+//! hosts, then adds the partial sums. Both retry a failed dispatch within a bound and
+//! count tokens per expert (the per-expert load no other server exports).
+//!
+//! The engine thread calls `forward` synchronously; these bridge into the async runtime
+//! with `Handle::block_on` (the engine thread is not a runtime thread).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use moe_control::PlacementPlan;
+use moe_model::experts::NO_EXPERT;
+use moe_model::{ExpertBackend, ExpertError, MoeRequest};
+use moe_proto::v1::{DType, DispatchRequest};
+use tokio::runtime::Handle;
+
+use crate::metrics::RouterMetrics;
+use crate::remote::WorkerClient;
+
+/// Deadlines and retries of expert dispatch.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Deadline of one dispatch to one worker.
+    pub deadline: Duration,
+    /// Further attempts after a failed dispatch.
+    pub max_retries: u32,
+    /// Wait before a retry (doubles each time).
+    pub retry_backoff: Duration,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            deadline: Duration::from_secs(10),
+            max_retries: 3,
+            retry_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Adds this layer's routed tokens to the per-expert counters.
+fn count_expert_tokens(m: &RouterMetrics, req: &MoeRequest<'_>) {
+    let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
+    for e in req.expert_ids.iter().filter(|e| **e != NO_EXPERT) {
+        *counts.entry(*e).or_default() += 1;
+    }
+    let layer = req.layer.to_string();
+    for (e, n) in counts {
+        m.expert_tokens
+            .with_label_values(&[layer.as_str(), e.to_string().as_str()])
+            .inc_by(n);
+    }
+}
+
+/// Experts held by device actors of this process.
+pub struct LocalBackend {
+    node: moe_worker::Node,
+    rt: Handle,
+    cfg: DispatchConfig,
+    metrics: RouterMetrics,
+}
+
+impl LocalBackend {
+    pub fn new(
+        node: moe_worker::Node,
+        rt: Handle,
+        cfg: DispatchConfig,
+        metrics: RouterMetrics,
+    ) -> LocalBackend {
+        LocalBackend {
+            node,
+            rt,
+            cfg,
+            metrics,
+        }
+    }
+}
+
+impl ExpertBackend for LocalBackend {
+    fn forward(&self, req: &MoeRequest<'_>) -> Result<Vec<f32>, ExpertError> {
+        req.validate()?;
+        count_expert_tokens(&self.metrics, req);
+        let mut backoff = self.cfg.retry_backoff;
+        let mut attempt = 0;
+        loop {
+            let started = Instant::now();
+            let call = self.node.compute(
+                req.layer,
+                req.rows.to_vec(),
+                req.top_k,
+                req.expert_ids.to_vec(),
+                req.weights.to_vec(),
+            );
+            let result = self
+                .rt
+                .block_on(async { tokio::time::timeout(self.cfg.deadline, call).await });
+            self.metrics
+                .dispatch
+                .with_label_values(&["local"])
+                .observe(started.elapsed().as_secs_f64());
+            let err = match result {
+                Ok(Ok(out)) => return Ok(out),
+                Ok(Err(e @ ExpertError::Unavailable(_))) => e,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => ExpertError::Unavailable(format!(
+                    "local experts gave no answer within {} ms",
+                    self.cfg.deadline.as_millis()
+                )),
+            };
+            if attempt >= self.cfg.max_retries {
+                return Err(err);
+            }
+            attempt += 1;
+            self.metrics
+                .dispatch_retries
+                .with_label_values(&["local", "unavailable"])
+                .inc();
+            tracing::warn!(error = %err, attempt, "local expert call failed; retrying");
+            std::thread::sleep(backoff);
+            backoff *= 2;
+        }
+    }
+}
+
+/// Experts on remote workers, reached over gRPC.
+pub struct RemoteBackend {
+    workers: Vec<Arc<WorkerClient>>,
+    /// `(layer, expert)` → indices of workers hosting it (ready copies only).
+    routes: RwLock<HashMap<(usize, u32), Vec<usize>>>,
+    hidden: usize,
+    rt: Handle,
+    cfg: DispatchConfig,
+    metrics: RouterMetrics,
+}
+
+/// One worker's share of a MoE layer.
+struct Part {
+    worker: usize,
+    /// Row indices of the request, in order.
+    rows: Vec<usize>,
+    /// `rows.len() × top_k` expert ids, NO_EXPERT where another worker has the slot.
+    ids: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+fn to_le_bytes(v: &[f32]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        b.extend_from_slice(&x.to_le_bytes());
+    }
+    b
+}
+
+impl RemoteBackend {
+    pub fn new(
+        workers: Vec<Arc<WorkerClient>>,
+        hidden: usize,
+        rt: Handle,
+        cfg: DispatchConfig,
+        metrics: RouterMetrics,
+    ) -> RemoteBackend {
+        RemoteBackend {
+            workers,
+            routes: RwLock::new(HashMap::new()),
+            hidden,
+            rt,
+            cfg,
+            metrics,
+        }
+    }
+
+    /// Routes by a placement whose copies are loaded. `worker_of` maps a device slot's
+    /// worker name to the index of its client.
+    pub fn set_routes(&self, plan: &PlacementPlan, worker_index: &HashMap<String, usize>) {
+        let mut routes: HashMap<(usize, u32), Vec<usize>> = HashMap::new();
+        for (slot, experts) in &plan.assignments {
+            let Some(&w) = worker_index.get(&slot.worker) else {
+                continue;
+            };
+            for e in experts {
+                let hosts = routes.entry(*e).or_default();
+                if !hosts.contains(&w) {
+                    hosts.push(w);
+                }
+            }
+        }
+        if let Ok(mut r) = self.routes.write() {
+            *r = routes;
+        }
+        self.metrics.placement_version.set(plan.version as i64);
+    }
+
+    /// Splits the request among workers; `avoid` lists workers that failed this call.
+    fn split(&self, req: &MoeRequest<'_>, avoid: &[usize]) -> Result<Vec<Part>, ExpertError> {
+        let routes = self
+            .routes
+            .read()
+            .map_err(|_| ExpertError::Unavailable("routing table poisoned".into()))?;
+        let k = req.top_k;
+        let mut parts: BTreeMap<usize, Part> = BTreeMap::new();
+        for row in 0..req.num_rows() {
+            for s in 0..k {
+                let e = req.expert_ids[row * k + s];
+                if e == NO_EXPERT {
+                    continue;
+                }
+                let hosts = routes
+                    .get(&(req.layer, e))
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
+                let healthy: Vec<usize> = hosts
+                    .iter()
+                    .copied()
+                    .filter(|w| !avoid.contains(w))
+                    .collect();
+                // Spread an expert's rows over its copies; fall back to a failed worker
+                // only when it is the sole copy (it may have recovered).
+                let pool = if healthy.is_empty() {
+                    hosts.to_vec()
+                } else {
+                    healthy
+                };
+                let Some(&w) = pool.get(row % pool.len().max(1)) else {
+                    return Err(ExpertError::Unavailable(format!(
+                        "no live worker hosts expert {e} of layer {}",
+                        req.layer
+                    )));
+                };
+                let part = parts.entry(w).or_insert_with(|| Part {
+                    worker: w,
+                    rows: Vec::new(),
+                    ids: Vec::new(),
+                    weights: Vec::new(),
+                });
+                if part.rows.last() != Some(&row) {
+                    part.rows.push(row);
+                    part.ids.extend(std::iter::repeat_n(NO_EXPERT, k));
+                    part.weights.extend(std::iter::repeat_n(0.0, k));
+                }
+                let base = (part.rows.len() - 1) * k;
+                part.ids[base + s] = e;
+                part.weights[base + s] = req.weights[row * k + s];
+            }
+        }
+        Ok(parts.into_values().collect())
+    }
+
+    async fn send_part(&self, req: &MoeRequest<'_>, part: &Part) -> Result<Vec<f32>, ExpertError> {
+        let h = self.hidden;
+        let mut rows = Vec::with_capacity(part.rows.len() * h);
+        for r in &part.rows {
+            rows.extend_from_slice(&req.rows[r * h..(r + 1) * h]);
+        }
+        let msg = DispatchRequest {
+            request_id: 0,
+            step_id: 0,
+            layer: req.layer as u32,
+            num_rows: part.rows.len() as u32,
+            hidden_size: h as u32,
+            dtype: DType::DtypeF32 as i32,
+            rows: to_le_bytes(&rows),
+            top_k: req.top_k as u32,
+            expert_ids: part.ids.clone(),
+            expert_weights: part.weights.clone(),
+        };
+        let worker = &self.workers[part.worker];
+        let started = Instant::now();
+        let resp = worker.dispatch(msg, self.cfg.deadline).await;
+        self.metrics
+            .dispatch
+            .with_label_values(&[worker.addr()])
+            .observe(started.elapsed().as_secs_f64());
+        let resp = resp?;
+        if resp.error_code != 0 {
+            let what = format!(
+                "worker {}: {} (code {})",
+                worker.addr(),
+                resp.error_message,
+                resp.error_code
+            );
+            return Err(match resp.error_code {
+                3 => ExpertError::Invalid(what),
+                _ => ExpertError::Unavailable(what),
+            });
+        }
+        if resp.dtype != DType::DtypeF32 as i32 || resp.output.len() != part.rows.len() * h * 4 {
+            return Err(ExpertError::Unavailable(format!(
+                "worker {} answered {} bytes for {} rows",
+                worker.addr(),
+                resp.output.len(),
+                part.rows.len()
+            )));
+        }
+        Ok(resp
+            .output
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    async fn dispatch(&self, req: &MoeRequest<'_>) -> Result<Vec<f32>, ExpertError> {
+        let h = self.hidden;
+        let mut out = vec![0f32; req.num_rows() * h];
+        let mut avoid: Vec<usize> = Vec::new();
+        let mut todo = self.split(req, &avoid)?;
+        let mut backoff = self.cfg.retry_backoff;
+        for attempt in 0..=self.cfg.max_retries {
+            let results =
+                futures::future::join_all(todo.iter().map(|p| self.send_part(req, p))).await;
+            let mut failed_parts = Vec::new();
+            for (part, res) in todo.into_iter().zip(results) {
+                match res {
+                    Ok(y) => {
+                        for (j, r) in part.rows.iter().enumerate() {
+                            for (o, v) in out[r * h..(r + 1) * h]
+                                .iter_mut()
+                                .zip(&y[j * h..(j + 1) * h])
+                            {
+                                *o += v;
+                            }
+                        }
+                    }
+                    Err(e @ ExpertError::Invalid(_)) => return Err(e),
+                    Err(e) => failed_parts.push((part, e)),
+                }
+            }
+            if failed_parts.is_empty() {
+                return Ok(out);
+            }
+            if attempt == self.cfg.max_retries {
+                let (_, e) = failed_parts.swap_remove(0);
+                return Err(e);
+            }
+            // Retry the failed workers' slots, on other copies where there are any.
+            let mut retry_ids = vec![NO_EXPERT; req.expert_ids.len()];
+            for (part, e) in &failed_parts {
+                let addr = self.workers[part.worker].addr();
+                tracing::warn!(worker = %addr, error = %e, attempt, "dispatch failed; retrying");
+                self.metrics
+                    .dispatch_retries
+                    .with_label_values(&[addr, "unavailable"])
+                    .inc();
+                avoid.push(part.worker);
+                for (j, r) in part.rows.iter().enumerate() {
+                    for s in 0..req.top_k {
+                        let id = part.ids[j * req.top_k + s];
+                        if id != NO_EXPERT {
+                            retry_ids[r * req.top_k + s] = id;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+            let retry_req = MoeRequest {
+                expert_ids: &retry_ids,
+                ..*req
+            };
+            todo = self.split(&retry_req, &avoid)?;
+        }
+        Err(ExpertError::Unavailable(
+            "dispatch retries exhausted".into(),
+        ))
+    }
+}
+
+impl ExpertBackend for RemoteBackend {
+    fn forward(&self, req: &MoeRequest<'_>) -> Result<Vec<f32>, ExpertError> {
+        req.validate()?;
+        count_expert_tokens(&self.metrics, req);
+        self.rt.block_on(self.dispatch(req))
+    }
+}

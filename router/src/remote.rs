@@ -1,0 +1,198 @@
+//! A connection to one worker: one long-lived `Dispatch` stream carrying tagged requests,
+//! a reader task that hands each response to the call waiting for its `request_id`, and
+//! unary calls (`Info`, `LoadExperts`) on the same channel. Every call has a deadline; a
+//! broken stream fails every call in flight with `Unavailable` and is reopened by the
+//! next call.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moe_model::ExpertError;
+use moe_proto::v1::expert_service_client::ExpertServiceClient;
+use moe_proto::v1::{
+    DeviceAssignment, DispatchRequest, DispatchResponse, ExpertRef, InfoRequest, InfoResponse,
+    LoadExpertsRequest,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<DispatchResponse>>>>;
+
+struct Stream {
+    tx: mpsc::Sender<DispatchRequest>,
+    pending: Pending,
+    alive: Arc<AtomicBool>,
+}
+
+/// One worker as the router sees it.
+pub struct WorkerClient {
+    addr: String,
+    channel: Channel,
+    stream: tokio::sync::Mutex<Option<Arc<Stream>>>,
+    next_id: AtomicU64,
+}
+
+fn unavailable(addr: &str, what: impl std::fmt::Display) -> ExpertError {
+    ExpertError::Unavailable(format!("worker {addr}: {what}"))
+}
+
+impl WorkerClient {
+    /// A client for `addr` (`host:port`). Connects lazily; `connect_timeout` bounds each
+    /// connection attempt.
+    pub fn new(addr: &str, connect_timeout: Duration) -> Result<WorkerClient, ExpertError> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| unavailable(addr, format!("bad address: {e}")))?
+            .tcp_nodelay(true)
+            .connect_timeout(connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        Ok(WorkerClient {
+            addr: addr.to_owned(),
+            channel: endpoint.connect_lazy(),
+            stream: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    async fn open_stream(&self) -> Result<Arc<Stream>, ExpertError> {
+        let mut guard = self.stream.lock().await;
+        if let Some(s) = guard.as_ref() {
+            if s.alive.load(Ordering::Acquire) {
+                return Ok(s.clone());
+            }
+        }
+        let (tx, rx) = mpsc::channel::<DispatchRequest>(64);
+        let mut client = ExpertServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20);
+        let mut inbound = client
+            .dispatch(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| {
+                unavailable(
+                    &self.addr,
+                    format!("opening the dispatch stream: {}", s.message()),
+                )
+            })?
+            .into_inner();
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let alive = Arc::new(AtomicBool::new(true));
+        let stream = Arc::new(Stream {
+            tx,
+            pending: pending.clone(),
+            alive: alive.clone(),
+        });
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(resp)) => {
+                        let waiter = pending
+                            .lock()
+                            .ok()
+                            .and_then(|mut p| p.remove(&resp.request_id));
+                        if let Some(w) = waiter {
+                            let _ = w.send(resp);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::warn!(worker = %addr, error = %status.message(), "dispatch stream broke");
+                        break;
+                    }
+                }
+            }
+            alive.store(false, Ordering::Release);
+            // Dropping the senders fails every call still waiting.
+            if let Ok(mut p) = pending.lock() {
+                p.clear();
+            }
+        });
+        *guard = Some(stream.clone());
+        Ok(stream)
+    }
+
+    /// Sends one dispatch and waits for its response, at most `deadline`.
+    pub async fn dispatch(
+        &self,
+        mut req: DispatchRequest,
+        deadline: Duration,
+    ) -> Result<DispatchResponse, ExpertError> {
+        let work = async {
+            let stream = self.open_stream().await?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            req.request_id = id;
+            let (tx, rx) = oneshot::channel();
+            if let Ok(mut p) = stream.pending.lock() {
+                p.insert(id, tx);
+            }
+            if stream.tx.send(req).await.is_err() {
+                stream.alive.store(false, Ordering::Release);
+                return Err(unavailable(&self.addr, "the dispatch stream is closed"));
+            }
+            rx.await.map_err(|_| {
+                unavailable(&self.addr, "the dispatch stream broke before the response")
+            })
+        };
+        match tokio::time::timeout(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => Err(unavailable(
+                &self.addr,
+                format!("no response within {} ms", deadline.as_millis()),
+            )),
+        }
+    }
+
+    /// The worker's devices and hosted experts.
+    pub async fn info(&self, deadline: Duration) -> Result<InfoResponse, ExpertError> {
+        let mut client = ExpertServiceClient::new(self.channel.clone());
+        let mut req = tonic::Request::new(InfoRequest {});
+        req.set_timeout(deadline);
+        client
+            .info(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| unavailable(&self.addr, format!("Info: {}", s.message())))
+    }
+
+    /// Asks the worker to load experts per device; returns once they are ready.
+    pub async fn load(
+        &self,
+        version: u64,
+        assignments: Vec<(String, Vec<(usize, u32)>)>,
+        deadline: Duration,
+    ) -> Result<InfoResponse, ExpertError> {
+        let mut client = ExpertServiceClient::new(self.channel.clone());
+        let mut req = tonic::Request::new(LoadExpertsRequest {
+            placement_version: version,
+            assignments: assignments
+                .into_iter()
+                .map(|(device, experts)| DeviceAssignment {
+                    device,
+                    experts: experts
+                        .into_iter()
+                        .map(|(l, e)| ExpertRef {
+                            layer: l as u32,
+                            expert: e,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        });
+        req.set_timeout(deadline);
+        client
+            .load_experts(req)
+            .await
+            .map_err(|s| unavailable(&self.addr, format!("LoadExperts: {}", s.message())))?
+            .into_inner()
+            .info
+            .ok_or_else(|| unavailable(&self.addr, "LoadExperts returned no info"))
+    }
+}

@@ -1,0 +1,286 @@
+//! Starting a router: load the dense model, place the experts (on in-process device
+//! actors, or on remote workers given statically), start the engine, serve gRPC and HTTP,
+//! and drain on shutdown.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use moe_control::{plan, DeviceSlot, PlacementPlan, PlanInput};
+use moe_model::checkpoint::Checkpoint;
+use moe_model::{ExpertBackend, LocalExperts, Model, ModelSpec, Tokenizer, WeightDtype};
+use moe_proto::v1::generation_server::GenerationServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{DispatchConfig, LocalBackend, RemoteBackend};
+use crate::grpc::Api;
+use crate::http::{router, HttpState};
+use crate::metrics::RouterMetrics;
+use crate::remote::WorkerClient;
+use crate::scheduler::{Engine, EngineConfig};
+
+/// Where the routed experts live.
+#[derive(Debug, Clone)]
+pub enum ExpertSource {
+    /// Device actors in this process (standalone mode).
+    Local { devices: Vec<String> },
+    /// Remote workers at these addresses.
+    Remote { workers: Vec<String> },
+}
+
+/// Everything a router needs, validated.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub model_dir: PathBuf,
+    pub dtype: WeightDtype,
+    pub experts: ExpertSource,
+    pub engine: EngineConfig,
+    pub dispatch: DispatchConfig,
+    /// Copies of each expert.
+    pub replicas: usize,
+    /// How long workers may take to appear and load their experts.
+    pub startup_timeout: Duration,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// Addresses a started router listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+fn expert_keys(spec: &ModelSpec) -> Vec<(usize, u32)> {
+    LocalExperts::all_of(spec)
+}
+
+async fn place_remote(
+    cfg: &RouterConfig,
+    spec: &ModelSpec,
+    metrics: &RouterMetrics,
+) -> anyhow::Result<RemoteBackend> {
+    let ExpertSource::Remote { workers } = &cfg.experts else {
+        anyhow::bail!("not a remote configuration");
+    };
+    let clients: Vec<Arc<WorkerClient>> = workers
+        .iter()
+        .map(|a| WorkerClient::new(a, Duration::from_secs(2)).map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    // Wait (bounded) for every worker to answer Info.
+    let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
+    let mut slots = Vec::new();
+    for c in &clients {
+        let info = loop {
+            match c.info(Duration::from_secs(2)).await {
+                Ok(i) => break i,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::info!(worker = %c.addr(), error = %e, "waiting for worker");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => anyhow::bail!(
+                    "worker {} did not answer within {:?}: {e}",
+                    c.addr(),
+                    cfg.startup_timeout
+                ),
+            }
+        };
+        if info.hidden_size as usize != spec.hidden_size {
+            anyhow::bail!(
+                "worker {} serves a model with hidden size {}, the router's has {}",
+                c.addr(),
+                info.hidden_size,
+                spec.hidden_size
+            );
+        }
+        for d in info.devices {
+            slots.push(DeviceSlot {
+                worker: c.addr().to_owned(),
+                device: d.name,
+                capacity_bytes: d.capacity_bytes,
+            });
+        }
+    }
+    let experts = expert_keys(spec);
+    let mut placement = plan(&PlanInput {
+        experts: &experts,
+        expert_bytes: spec.expert_bytes_f32() as u64,
+        devices: &slots,
+        replicas: cfg.replicas,
+        previous: None,
+    })?;
+    placement.version = 1;
+    log_plan(&placement);
+    // Tell every worker what to load, concurrently, and wait until all are ready.
+    let loads = clients.iter().map(|c| {
+        let assignments: Vec<(String, Vec<(usize, u32)>)> = placement
+            .assignments
+            .iter()
+            .filter(|(slot, _)| slot.worker == c.addr())
+            .map(|(slot, set)| (slot.device.clone(), set.iter().copied().collect()))
+            .collect();
+        let c = c.clone();
+        async move { c.load(1, assignments, cfg.startup_timeout).await }
+    });
+    for r in futures::future::join_all(loads).await {
+        r.context("loading experts on a worker")?;
+    }
+    let index: HashMap<String, usize> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.addr().to_owned(), i))
+        .collect();
+    let backend = RemoteBackend::new(
+        clients,
+        spec.hidden_size,
+        tokio::runtime::Handle::current(),
+        cfg.dispatch.clone(),
+        metrics.clone(),
+    );
+    backend.set_routes(&placement, &index);
+    Ok(backend)
+}
+
+fn log_plan(p: &PlacementPlan) {
+    for (slot, experts) in &p.assignments {
+        tracing::info!(worker = %slot.worker, device = %slot.device, experts = experts.len(), version = p.version, "placement");
+    }
+}
+
+/// Runs a router until `shutdown` is cancelled. `on_ready` gets the bound addresses once
+/// it serves.
+pub async fn run_router(
+    cfg: RouterConfig,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(Bound),
+) -> anyhow::Result<()> {
+    let bound = Bound {
+        grpc: grpc_listener.local_addr()?,
+        http: http_listener.local_addr()?,
+    };
+    let spec = ModelSpec::from_dir(&cfg.model_dir)?;
+    let tokenizer = Arc::new(Tokenizer::from_dir(&cfg.model_dir)?);
+    let model = {
+        let (dir, spec, dtype) = (cfg.model_dir.clone(), spec.clone(), cfg.dtype);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Model> {
+            let ckpt = Checkpoint::open(&dir, spec.fp8_block)?;
+            Ok(Model::load_from(&ckpt, spec, dtype)?)
+        })
+        .await??
+    };
+    let metrics = RouterMetrics::new();
+    let mut extra_registries = Vec::new();
+    let backend: Arc<dyn ExpertBackend> = match &cfg.experts {
+        ExpertSource::Local { devices } => {
+            let node = moe_worker::Node::start(moe_worker::NodeConfig {
+                model_dir: cfg.model_dir.clone(),
+                devices: devices.clone(),
+                dtype: cfg.dtype,
+                worker_id: "local".into(),
+                test_panic_at_compute: None,
+            })
+            .await?;
+            let slots: Vec<DeviceSlot> = node
+                .device_names()
+                .into_iter()
+                .map(|d| DeviceSlot {
+                    worker: "local".into(),
+                    device: d,
+                    capacity_bytes: 0,
+                })
+                .collect();
+            let experts = expert_keys(&spec);
+            let mut placement = plan(&PlanInput {
+                experts: &experts,
+                expert_bytes: spec.expert_bytes_f32() as u64,
+                devices: &slots,
+                replicas: cfg.replicas,
+                previous: None,
+            })?;
+            placement.version = 1;
+            log_plan(&placement);
+            let assignments = placement
+                .assignments
+                .iter()
+                .map(|(slot, set): (&DeviceSlot, &BTreeSet<(usize, u32)>)| {
+                    (slot.device.clone(), set.iter().copied().collect())
+                })
+                .collect();
+            node.load(1, assignments).await?;
+            metrics.placement_version.set(1);
+            extra_registries.push(node.metrics().registry().clone());
+            Arc::new(LocalBackend::new(
+                node,
+                tokio::runtime::Handle::current(),
+                cfg.dispatch.clone(),
+                metrics.clone(),
+            ))
+        }
+        ExpertSource::Remote { .. } => Arc::new(place_remote(&cfg, &spec, &metrics).await?),
+    };
+    let model = Arc::new(model);
+    let engine = Engine {
+        model: model.clone(),
+        tokenizer: tokenizer.clone(),
+        backend,
+        config: cfg.engine.clone(),
+        metrics: metrics.clone(),
+    }
+    .start()?;
+    let api = Api {
+        engine: engine.clone(),
+        tokenizer,
+        spec: Arc::new(spec),
+        model_path: cfg.model_dir.display().to_string(),
+        metrics: metrics.clone(),
+    };
+    let serving = Arc::new(AtomicBool::new(true));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GenerationServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let grpc_stop = CancellationToken::new();
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(GenerationServer::new(api.clone()))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            grpc_stop.clone().cancelled_owned(),
+        );
+    let http_stop = CancellationToken::new();
+    let app = router(HttpState {
+        api,
+        extra_registries,
+        serving: serving.clone(),
+    });
+    let http =
+        axum::serve(http_listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());
+    let grpc_task = tokio::spawn(grpc);
+    let http_task = tokio::spawn(async move { http.await });
+    on_ready(bound);
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: refusing new requests, draining in-flight ones");
+    serving.store(false, Ordering::Release);
+    health.set_not_serving::<GenerationServer<Api>>().await;
+    engine.begin_shutdown();
+    if !engine.drained(cfg.drain_timeout).await {
+        tracing::warn!(timeout = ?cfg.drain_timeout, "drain deadline passed with requests still running");
+    }
+    grpc_stop.cancel();
+    http_stop.cancel();
+    let _ = grpc_task.await;
+    let _ = http_task.await;
+    Ok(())
+}

@@ -1,0 +1,419 @@
+//! The gRPC edge of a worker: `ExpertService` over a [`Node`], served together with
+//! `grpc.health.v1` and server reflection, plus the HTTP endpoints, by [`serve_worker`].
+//!
+//! Dispatch streams: each stream gets a task that reads requests in order, answers each
+//! on a bounded channel feeding the response stream, and ends when the client closes its
+//! side or goes away (a failed send). A malformed request is answered with its
+//! `request_id` and a gRPC code in `error_code`; the stream stays open. Errors become
+//! codes here, once, by variant: INVALID_ARGUMENT (3), NOT_FOUND (5) for an expert not
+//! hosted here, UNAVAILABLE (14) for a device that failed or is restarting.
+//!
+//! Shutdown: cancelling the token turns health to NOT_SERVING (gRPC and HTTP), refuses
+//! new work, ends open dispatch streams after their current request (UNAVAILABLE, so the
+//! router moves to another replica), waits for in-flight work under one deadline, then
+//! stops the gRPC server and the HTTP server.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moe_model::ExpertError;
+use moe_proto::v1::expert_service_server::{ExpertService, ExpertServiceServer};
+use moe_proto::v1::{
+    DispatchRequest, DispatchResponse, InfoRequest, InfoResponse, LoadExpertsRequest,
+    LoadExpertsResponse, UnloadExpertsRequest, UnloadExpertsResponse,
+};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::error::{ErrorKind, WorkerError};
+use crate::metrics::Outcome;
+use crate::node::Node;
+use crate::wire::{self, RowDtype};
+
+/// How the servers run.
+#[derive(Debug, Clone)]
+pub struct WorkerServeConfig {
+    /// After shutdown begins, how long in-flight work may take to finish.
+    pub drain_timeout: Duration,
+    /// Responses buffered per dispatch stream before the worker waits for the client.
+    pub dispatch_channel_capacity: usize,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for WorkerServeConfig {
+    fn default() -> Self {
+        WorkerServeConfig {
+            drain_timeout: Duration::from_secs(10),
+            dispatch_channel_capacity: 16,
+            max_message_bytes: 256 << 20,
+        }
+    }
+}
+
+/// `ExpertService` over a [`Node`].
+pub struct ExpertServer {
+    node: Node,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    channel_capacity: usize,
+}
+
+impl ExpertServer {
+    /// A service over `node`; dispatch tasks are tracked by `tracker` and stop when
+    /// `shutdown` is cancelled.
+    pub fn new(
+        node: Node,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+        channel_capacity: usize,
+    ) -> ExpertServer {
+        ExpertServer {
+            node,
+            shutdown,
+            tracker,
+            channel_capacity: channel_capacity.max(1),
+        }
+    }
+
+    fn refuse_if_stopping(&self) -> Result<(), Status> {
+        if self.shutdown.is_cancelled() {
+            Err(Status::unavailable("the worker is shutting down"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The service ready to mount on a tonic server (or an in-process one in tests), with
+/// message size limits raised for large batches; it never shuts down by itself.
+pub fn expert_service(node: Node) -> ExpertServiceServer<ExpertServer> {
+    let cfg = WorkerServeConfig::default();
+    let server = ExpertServer::new(
+        node,
+        CancellationToken::new(),
+        TaskTracker::new(),
+        cfg.dispatch_channel_capacity,
+    );
+    with_limits(server, &cfg)
+}
+
+fn with_limits(server: ExpertServer, cfg: &WorkerServeConfig) -> ExpertServiceServer<ExpertServer> {
+    ExpertServiceServer::new(server)
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes)
+}
+
+/// The gRPC status of a [`WorkerError`]. Internal failures keep their detail in the log.
+fn status_of(e: &WorkerError) -> Status {
+    match e.kind() {
+        ErrorKind::InvalidArgument => Status::invalid_argument(e.to_string()),
+        ErrorKind::Unavailable => Status::unavailable(e.to_string()),
+        ErrorKind::Internal => {
+            tracing::error!(error = %e, "worker request failed");
+            Status::internal("the worker failed to carry out the request; see its logs")
+        }
+    }
+}
+
+/// The wire code and metric outcome of a compute error.
+fn classify(e: &ExpertError) -> (Code, Outcome) {
+    match e {
+        ExpertError::Invalid(_) => (Code::InvalidArgument, Outcome::Invalid),
+        ExpertError::NotHosted { .. } => (Code::NotFound, Outcome::NotHosted),
+        ExpertError::Unavailable(_) => (Code::Unavailable, Outcome::Unavailable),
+    }
+}
+
+fn error_response(request_id: u64, dtype: i32, code: Code, message: String) -> DispatchResponse {
+    DispatchResponse {
+        request_id,
+        output: Vec::new(),
+        dtype,
+        num_rows: 0,
+        error_code: code as i32,
+        error_message: message,
+        compute_us: 0,
+    }
+}
+
+/// Answers one dispatch request (never fails: errors go into the response).
+pub(crate) async fn handle_dispatch(node: &Node, req: DispatchRequest) -> DispatchResponse {
+    let metrics = node.metrics();
+    let (request_id, raw_dtype) = (req.request_id, req.dtype);
+    let d = match wire::decode_dispatch(req, node.spec()) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(request_id, error = %e, "invalid dispatch request");
+            metrics.count_dispatch(Outcome::Invalid);
+            return error_response(request_id, raw_dtype, Code::InvalidArgument, e.to_string());
+        }
+    };
+    metrics.dispatch_rows.inc_by(d.num_rows as u64);
+    let start = Instant::now();
+    let dtype: RowDtype = d.dtype;
+    let result = node
+        .compute(d.layer, d.rows, d.top_k, d.expert_ids, d.weights)
+        .await;
+    match result {
+        Ok(out) => {
+            metrics.count_dispatch(Outcome::Ok);
+            DispatchResponse {
+                request_id,
+                output: wire::encode_rows(&out, dtype),
+                dtype: dtype.to_wire() as i32,
+                num_rows: u32::try_from(d.num_rows).unwrap_or(u32::MAX),
+                error_code: 0,
+                error_message: String::new(),
+                compute_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+            }
+        }
+        Err(e) => {
+            let (code, outcome) = classify(&e);
+            if outcome == Outcome::Unavailable {
+                tracing::warn!(request_id, error = %e, "dispatch failed");
+            } else {
+                tracing::debug!(request_id, error = %e, "dispatch rejected");
+            }
+            metrics.count_dispatch(outcome);
+            error_response(request_id, raw_dtype, code, e.to_string())
+        }
+    }
+}
+
+/// Serves one dispatch stream until the client closes it, goes away, or shutdown.
+async fn run_dispatch_stream(
+    node: Node,
+    mut inbound: Streaming<DispatchRequest>,
+    tx: mpsc::Sender<Result<DispatchResponse, Status>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let _ = tx.send(Err(Status::unavailable("the worker is shutting down"))).await;
+                return;
+            }
+            _ = tx.closed() => return,
+            next = inbound.message() => next,
+        };
+        let req = match next {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(status) => {
+                tracing::debug!(%status, "dispatch stream ended by the client");
+                return;
+            }
+        };
+        let resp = handle_dispatch(&node, req).await;
+        if tx.send(Ok(resp)).await.is_err() {
+            // The client left: nothing holds state for it, so just stop.
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ExpertService for ExpertServer {
+    type DispatchStream = ReceiverStream<Result<DispatchResponse, Status>>;
+
+    async fn dispatch(
+        &self,
+        request: Request<Streaming<DispatchRequest>>,
+    ) -> Result<Response<Self::DispatchStream>, Status> {
+        self.refuse_if_stopping()?;
+        let (tx, rx) = mpsc::channel(self.channel_capacity);
+        self.tracker.spawn(run_dispatch_stream(
+            self.node.clone(),
+            request.into_inner(),
+            tx,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(wire::info_to_wire(
+            &self.node.info(),
+            self.node.spec(),
+        )))
+    }
+
+    async fn load_experts(
+        &self,
+        request: Request<LoadExpertsRequest>,
+    ) -> Result<Response<LoadExpertsResponse>, Status> {
+        self.refuse_if_stopping()?;
+        let req = request.into_inner();
+        let info = self
+            .node
+            .load(
+                req.placement_version,
+                wire::assignments_from_wire(req.assignments),
+            )
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(LoadExpertsResponse {
+            info: Some(wire::info_to_wire(&info, self.node.spec())),
+        }))
+    }
+
+    async fn unload_experts(
+        &self,
+        request: Request<UnloadExpertsRequest>,
+    ) -> Result<Response<UnloadExpertsResponse>, Status> {
+        self.refuse_if_stopping()?;
+        let req = request.into_inner();
+        let info = self
+            .node
+            .unload(
+                req.placement_version,
+                wire::assignments_from_wire(req.assignments),
+            )
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(UnloadExpertsResponse {
+            info: Some(wire::info_to_wire(&info, self.node.spec())),
+        }))
+    }
+}
+
+/// [`serve_worker_with`] with the default [`WorkerServeConfig`].
+pub async fn serve_worker(
+    node: Node,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve_worker_with(
+        node,
+        grpc_listener,
+        http_listener,
+        shutdown,
+        WorkerServeConfig::default(),
+    )
+    .await
+}
+
+/// Serves `ExpertService`, health and reflection on `grpc_listener` (TCP_NODELAY on every
+/// accepted socket) and `/metrics`, `/health` on `http_listener`, until `shutdown` is
+/// cancelled; then drains as described in the module docs and returns. The caller owns
+/// `node` and stops it afterwards.
+pub async fn serve_worker_with(
+    node: Node,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: CancellationToken,
+    cfg: WorkerServeConfig,
+) -> anyhow::Result<()> {
+    type Svc = ExpertServiceServer<ExpertServer>;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<Svc>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let tracker = TaskTracker::new();
+    let expert = with_limits(
+        ExpertServer::new(
+            node.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+            cfg.dispatch_channel_capacity,
+        ),
+        &cfg,
+    );
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let grpc_stop = CancellationToken::new();
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(expert)
+        .serve_with_incoming_shutdown(incoming, grpc_stop.clone().cancelled_owned());
+    let mut grpc_task = tokio::spawn(grpc);
+
+    let serving = Arc::new(AtomicBool::new(true));
+    let http_stop = CancellationToken::new();
+    let app = crate::http::router(node.clone(), Arc::clone(&serving));
+    let http =
+        axum::serve(http_listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());
+    let mut http_task = tokio::spawn(async move { http.await });
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, worker_id = node.worker_id(), "worker serving");
+
+    let early: Option<anyhow::Error> = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        r = &mut grpc_task => Some(match r {
+            Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped unexpectedly"),
+            Ok(Err(e)) => anyhow::Error::new(e).context("the gRPC server failed"),
+            Err(e) => anyhow::Error::new(e).context("the gRPC server task failed"),
+        }),
+        r = &mut http_task => Some(match r {
+            Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped unexpectedly"),
+            Ok(Err(e)) => anyhow::Error::new(e).context("the HTTP server failed"),
+            Err(e) => anyhow::Error::new(e).context("the HTTP server task failed"),
+        }),
+    };
+    if let Some(e) = early {
+        // One server died: take the other down too and report.
+        shutdown.cancel();
+        grpc_stop.cancel();
+        http_stop.cancel();
+        grpc_task.abort();
+        http_task.abort();
+        return Err(e);
+    }
+
+    tracing::info!(
+        drain_timeout_s = cfg.drain_timeout.as_secs_f64(),
+        "shutting down: draining in-flight work"
+    );
+    serving.store(false, Ordering::Release);
+    health.set_not_serving::<Svc>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
+    tracker.close();
+    if tokio::time::timeout_at(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            streams = tracker.len(),
+            "drain deadline passed with dispatch streams still busy; closing them"
+        );
+    }
+    // Let the gRPC server finish its in-flight calls, within what is left of the
+    // deadline (at least a moment, so GOAWAY reaches the clients).
+    grpc_stop.cancel();
+    let grace = deadline.max(tokio::time::Instant::now() + Duration::from_millis(500));
+    match tokio::time::timeout_at(grace, &mut grpc_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the gRPC server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the gRPC server task failed"),
+        Err(_) => {
+            tracing::warn!("gRPC calls still open at the drain deadline; closing them");
+            grpc_task.abort();
+        }
+    }
+    http_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(2), &mut http_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the HTTP server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP server task failed"),
+        Err(_) => http_task.abort(),
+    }
+    tracing::info!("worker drained");
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The wire format of `ExpertService`: packed little-endian rows (f32 or bf16) to and
+//! from `f32`, checking a `DispatchRequest` against the model before any work is done
+//! (every violation names its field), and conversions between [`NodeInfo`] and the
+//! protobuf messages. Nothing here panics on network input.
+
+use moe_model::ModelSpec;
+use moe_proto::v1::{
+    DType, DeviceAssignment, DeviceInfo, DispatchRequest, ExpertRef, InfoResponse,
+};
+
+use crate::node::NodeInfo;
+
+/// A request field that failed validation.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct FieldError {
+    /// The protobuf field name.
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn field_err(field: &'static str, reason: String) -> FieldError {
+    FieldError { field, reason }
+}
+
+/// Element type of packed rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowDtype {
+    F32,
+    Bf16,
+}
+
+impl RowDtype {
+    /// Parses the wire enum; `None` for unspecified or unknown values.
+    pub fn from_wire(v: i32) -> Option<RowDtype> {
+        match DType::try_from(v) {
+            Ok(DType::DtypeF32) => Some(RowDtype::F32),
+            Ok(DType::DtypeBf16) => Some(RowDtype::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn to_wire(self) -> DType {
+        match self {
+            RowDtype::F32 => DType::DtypeF32,
+            RowDtype::Bf16 => DType::DtypeBf16,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            RowDtype::F32 => 4,
+            RowDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// Unpacks little-endian elements (whole elements only; callers check the length).
+pub fn decode_rows(bytes: &[u8], dtype: RowDtype) -> Vec<f32> {
+    match dtype {
+        RowDtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        RowDtype::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// Packs values as little-endian elements (bf16 rounds to nearest even).
+pub fn encode_rows(values: &[f32], dtype: RowDtype) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size());
+    match dtype {
+        RowDtype::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        RowDtype::Bf16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+    }
+    out
+}
+
+/// A validated dispatch request, rows decoded to f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispatch {
+    pub layer: usize,
+    pub num_rows: usize,
+    pub top_k: usize,
+    pub dtype: RowDtype,
+    pub rows: Vec<f32>,
+    pub expert_ids: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// Checks a request against the model: hidden size, dtype, MoE layer, byte length of
+/// `rows`, and the lengths of `expert_ids` and `expert_weights`.
+pub fn decode_dispatch(req: DispatchRequest, spec: &ModelSpec) -> Result<Dispatch, FieldError> {
+    let hidden = spec.hidden_size;
+    if req.hidden_size as usize != hidden {
+        return Err(field_err(
+            "hidden_size",
+            format!(
+                "is {}, the model's hidden size is {hidden}",
+                req.hidden_size
+            ),
+        ));
+    }
+    let dtype = RowDtype::from_wire(req.dtype).ok_or_else(|| {
+        field_err(
+            "dtype",
+            format!("{} is not DTYPE_F32 or DTYPE_BF16", req.dtype),
+        )
+    })?;
+    let layer = req.layer as usize;
+    if !spec.moe_layers().any(|l| l == layer) {
+        return Err(field_err(
+            "layer",
+            format!("layer {layer} is not a MoE layer of this model"),
+        ));
+    }
+    let num_rows = req.num_rows as usize;
+    let top_k = req.top_k as usize;
+    let want_bytes = num_rows
+        .checked_mul(hidden)
+        .and_then(|x| x.checked_mul(dtype.size()));
+    if want_bytes != Some(req.rows.len()) {
+        return Err(field_err(
+            "rows",
+            format!(
+                "holds {} bytes; {num_rows} rows × {hidden} × {} bytes are needed",
+                req.rows.len(),
+                dtype.size()
+            ),
+        ));
+    }
+    let want_slots = num_rows.checked_mul(top_k);
+    if want_slots != Some(req.expert_ids.len()) {
+        return Err(field_err(
+            "expert_ids",
+            format!(
+                "holds {} ids; {num_rows} rows × top_k {top_k} are needed",
+                req.expert_ids.len()
+            ),
+        ));
+    }
+    if want_slots != Some(req.expert_weights.len()) {
+        return Err(field_err(
+            "expert_weights",
+            format!(
+                "holds {} weights; {num_rows} rows × top_k {top_k} are needed",
+                req.expert_weights.len()
+            ),
+        ));
+    }
+    Ok(Dispatch {
+        layer,
+        num_rows,
+        top_k,
+        dtype,
+        rows: decode_rows(&req.rows, dtype),
+        expert_ids: req.expert_ids,
+        weights: req.expert_weights,
+    })
+}
+
+/// The protobuf form of a node's state.
+pub fn info_to_wire(info: &NodeInfo, spec: &ModelSpec) -> InfoResponse {
+    InfoResponse {
+        worker_id: info.worker_id.clone(),
+        devices: info
+            .devices
+            .iter()
+            .map(|d| DeviceInfo {
+                name: d.name.clone(),
+                experts: d
+                    .experts
+                    .iter()
+                    .map(|&(layer, expert)| ExpertRef {
+                        layer: u32::try_from(layer).unwrap_or(u32::MAX),
+                        expert,
+                    })
+                    .collect(),
+                expert_bytes: d.expert_bytes,
+                capacity_bytes: 0,
+            })
+            .collect(),
+        placement_version: info.placement_version,
+        architecture: spec.arch.hf_class().to_owned(),
+        hidden_size: u32::try_from(spec.hidden_size).unwrap_or(u32::MAX),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+/// Per-device expert lists from the protobuf form.
+pub fn assignments_from_wire(a: Vec<DeviceAssignment>) -> Vec<(String, Vec<(usize, u32)>)> {
+    a.into_iter()
+        .map(|d| {
+            let experts = d
+                .experts
+                .iter()
+                .map(|e| (e.layer as usize, e.expert))
+                .collect();
+            (d.device, experts)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_model::tiny::{config_json, Size, StoreDtype};
+    use moe_model::Arch;
+
+    fn spec() -> ModelSpec {
+        ModelSpec::from_json(&config_json(Arch::Mixtral, Size::Tiny, StoreDtype::F32).to_string())
+            .unwrap()
+    }
+
+    fn request(spec: &ModelSpec, rows: usize, top_k: usize) -> DispatchRequest {
+        let h = spec.hidden_size;
+        let values: Vec<f32> = (0..rows * h).map(|i| i as f32 * 0.01).collect();
+        DispatchRequest {
+            request_id: 9,
+            step_id: 1,
+            layer: spec.moe_layers().next().unwrap() as u32,
+            num_rows: rows as u32,
+            hidden_size: h as u32,
+            dtype: DType::DtypeF32 as i32,
+            rows: encode_rows(&values, RowDtype::F32),
+            top_k: top_k as u32,
+            expert_ids: vec![0; rows * top_k],
+            expert_weights: vec![0.5; rows * top_k],
+        }
+    }
+
+    #[test]
+    fn valid_request_decodes() {
+        let s = spec();
+        let d = decode_dispatch(request(&s, 3, 2), &s).unwrap();
+        assert_eq!(d.num_rows, 3);
+        assert_eq!(d.rows.len(), 3 * s.hidden_size);
+        assert_eq!(d.rows[1], 0.01);
+    }
+
+    #[test]
+    fn each_violation_names_its_field() {
+        let s = spec();
+        let cases: Vec<(&str, Box<dyn Fn(&mut DispatchRequest)>)> = vec![
+            ("hidden_size", Box::new(|r| r.hidden_size += 1)),
+            ("dtype", Box::new(|r| r.dtype = 0)),
+            ("dtype", Box::new(|r| r.dtype = 77)),
+            ("layer", Box::new(|r| r.layer = 1000)),
+            (
+                "rows",
+                Box::new(|r| {
+                    r.rows.pop();
+                }),
+            ),
+            ("rows", Box::new(|r| r.num_rows = u32::MAX)),
+            ("expert_ids", Box::new(|r| r.expert_ids.push(1))),
+            (
+                "expert_weights",
+                Box::new(|r| {
+                    r.expert_weights.pop();
+                }),
+            ),
+            ("expert_ids", Box::new(|r| r.top_k = 3)),
+        ];
+        for (field, mutate) in cases {
+            let mut r = request(&s, 2, 2);
+            mutate(&mut r);
+            let e = decode_dispatch(r, &s).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.to_string().contains(field));
+        }
+    }
+
+    #[test]
+    fn bf16_round_trips_within_its_precision() {
+        let v = vec![1.0f32, -2.5, 0.1234, 3.0e-3];
+        let back = decode_rows(&encode_rows(&v, RowDtype::Bf16), RowDtype::Bf16);
+        for (a, b) in v.iter().zip(&back) {
+            assert!((a - b).abs() <= a.abs() * 1e-2, "{a} vs {b}");
+        }
+        let exact = decode_rows(&encode_rows(&v, RowDtype::F32), RowDtype::F32);
+        assert_eq!(exact, v);
+    }
+}
