@@ -2,8 +2,9 @@
 # The whole test suite, as CI runs it (.ci/run calls this script):
 #   formatting, clippy with warnings as errors, every unit and end-to-end test.
 # Installs what is missing on a fresh Debian machine with the Rust toolchain:
-#   rustfmt/clippy components (rustup), cargo-nextest (optional: falls back to cargo test).
-# Services: none yet beyond the processes the tests start themselves on 127.0.0.1.
+#   rustfmt/clippy components (rustup), Debian's `prometheus` (for `promtool`, which checks
+#   our /metrics exposition), cargo-nextest (optional: falls back to cargo test).
+# Services: none beyond the processes the tests start themselves on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -12,6 +13,13 @@ log() { printf '\n==> %s\n' "$*" >&2; }
 if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+
+if ! command -v promtool >/dev/null 2>&1; then
+  log "installing promtool (Debian package prometheus)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends prometheus
 fi
 
 log "cargo fmt --check"

@@ -16,19 +16,19 @@ pub struct BenchEngineArgs {
     #[arg(long, env = "MOE_MODEL")]
     model: PathBuf,
     /// Batch sizes to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    #[arg(long, env = "MOE_BENCH_BATCH", value_delimiter = ',', default_value = "1,8,32")]
     batch: Vec<usize>,
     /// Prompt length before decoding starts.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, env = "MOE_BENCH_PROMPT_TOKENS", default_value_t = 128)]
     prompt_tokens: usize,
     /// Decode steps timed per batch size.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, env = "MOE_BENCH_DECODE_TOKENS", default_value_t = 32)]
     decode_tokens: usize,
     /// Weight dtype of our engine.
-    #[arg(long, default_value = "f32")]
+    #[arg(long, env = "MOE_DTYPE", default_value = "f32")]
     dtype: WeightDtype,
     /// Skip the candle-transformers comparison.
-    #[arg(long)]
+    #[arg(long, env = "MOE_BENCH_NO_CANDLE")]
     no_candle: bool,
 }
 

@@ -22,28 +22,28 @@ pub struct BenchServeArgs {
     #[arg(long, env = "MOE_TARGET")]
     target: String,
     /// Concurrent requests in flight (one worker each).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "MOE_BENCH_CONCURRENCY", default_value_t = 8)]
     concurrency: usize,
     /// Prompt length in tokens (random ids, different per request).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, env = "MOE_BENCH_PROMPT_TOKENS", default_value_t = 128)]
     prompt_tokens: usize,
     /// Tokens generated per request (`max_tokens`, with `ignore_eos`).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "MOE_BENCH_MAX_TOKENS", default_value_t = 64)]
     max_tokens: u32,
     /// Measured requests.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "MOE_BENCH_REQUESTS", default_value_t = 64)]
     requests: usize,
     /// Unmeasured requests run before the measured ones.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "MOE_BENCH_WARMUP", default_value_t = 0)]
     warmup: usize,
     /// Lowest prompt token id (inclusive); skip special tokens.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "MOE_BENCH_VOCAB_LOW", default_value_t = 3)]
     vocab_low: u32,
     /// Highest prompt token id (exclusive).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, env = "MOE_BENCH_VOCAB_HIGH", default_value_t = 500)]
     vocab_high: u32,
     /// Print one JSON object instead of text.
-    #[arg(long)]
+    #[arg(long, env = "MOE_BENCH_JSON")]
     json: bool,
 }
 

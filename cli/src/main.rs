@@ -7,6 +7,7 @@ mod checkpoint_cmd;
 mod generate_cmd;
 mod serve_cmd;
 mod signals;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +38,8 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// A router: attention and scheduling here, experts on `--workers`.
     Router(serve_cmd::ServeArgs),
+    /// A worker: hosts expert shards on its devices, one actor per device.
+    Worker(worker_cmd::WorkerArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -65,6 +68,7 @@ fn main() {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args, serve_cmd::Mode::Standalone),
         Command::Router(args) => serve_cmd::run(args, serve_cmd::Mode::Router),
+        Command::Worker(args) => worker_cmd::run(args),
         Command::Bench { command } => match command {
             BenchCommand::Engine(args) => bench_engine::run(args),
             BenchCommand::Serve(args) => bench_serve::run(args),

@@ -3,7 +3,9 @@
 //! same device; the math runs in `spawn_blocking` (it uses rayon inside) so the async
 //! runtime is never starved.
 //!
-//! After every change to what it holds, the actor publishes it into its `DeviceSlot`
+//! Loading reads the checkpoint outside the actor (the node does it, then sends the
+//! experts in), so a long read never stalls this device's computes. After every change
+//! to what it holds, the actor publishes it into its `DeviceSlot`
 //! (which the node routes by) and into the hosted-experts and expert-bytes gauges. A
 //! panic in a handler fails the actor; the supervisor restarts it with the experts it
 //! was assigned.
@@ -34,9 +36,10 @@ pub(crate) enum DeviceMsg {
         inject_panic: bool,
         reply: RpcReplyPort<Result<Vec<f32>, ExpertError>>,
     },
-    /// Loads experts not yet held (selectively: only their tensors are read).
-    Load {
-        experts: Vec<(usize, u32)>,
+    /// Adds experts already read from the checkpoint (by the caller, off this actor, so
+    /// that a long read never stalls the device's computes).
+    Install {
+        experts: LocalExperts,
         reply: RpcReplyPort<Result<(), WorkerError>>,
     },
     /// Drops experts.
@@ -87,25 +90,14 @@ impl DeviceState {
         self.core.slots[self.index].set_hosted(hosted);
     }
 
-    async fn load(&mut self, experts: Vec<(usize, u32)>) -> Result<(), WorkerError> {
-        let held: BTreeSet<_> = self.experts.hosted().into_iter().collect();
-        let missing: Vec<_> = experts
-            .into_iter()
-            .filter(|k| !held.contains(k))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let loaded = load_experts(&self.core, missing).await?;
+    fn install(&mut self, experts: LocalExperts) -> Result<(), WorkerError> {
         let Some(mine) = Arc::get_mut(&mut self.experts) else {
             return Err(WorkerError::Actor(format!(
                 "device {}: experts are still in use by a compute",
                 self.name()
             )));
         };
-        mine.extend(loaded);
+        mine.extend(experts);
         self.publish();
         Ok(())
     }
@@ -157,8 +149,8 @@ impl DeviceState {
     }
 }
 
-/// Loads `which` from the node's checkpoint on a blocking thread.
-async fn load_experts(
+/// Reads `which` from the node's checkpoint on a blocking thread (only their tensors).
+pub(crate) async fn load_experts(
     core: &Arc<NodeCore>,
     which: Vec<(usize, u32)>,
 ) -> Result<LocalExperts, WorkerError> {
@@ -216,9 +208,8 @@ impl Actor for DeviceActor {
                 // A closed port means the caller gave up (deadline); nothing to do.
                 let _ = reply.send(out);
             }
-            DeviceMsg::Load { experts, reply } => {
-                let r = state.load(experts).await;
-                let _ = reply.send(r);
+            DeviceMsg::Install { experts, reply } => {
+                let _ = reply.send(state.install(experts));
             }
             DeviceMsg::Unload { experts, reply } => {
                 state.unload(&experts);

@@ -19,7 +19,7 @@ use moe_model::{ExpertError, ModelSpec, WeightDtype};
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinSet;
 
-use crate::actor::DeviceMsg;
+use crate::actor::{load_experts, DeviceMsg};
 use crate::config::{parse_devices, NodeConfig};
 use crate::error::WorkerError;
 use crate::fanout;
@@ -31,8 +31,12 @@ use crate::supervisor::{Supervisor, SupervisorMsg};
 pub const READY_WAIT: Duration = Duration::from_secs(30);
 /// How long a device may take to compute one request.
 pub const COMPUTE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a device may take to load experts (large checkpoints read slowly).
-pub const LOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long a supervisor call may take (it may restart a device, which reloads its
+/// experts; large checkpoints read slowly).
+pub const SUPERVISOR_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long a device may take to take in loaded experts or drop some (it may be busy
+/// with computes queued before).
+pub const INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long stopping waits for the actors to exit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -204,7 +208,12 @@ impl Node {
         &self,
         build: impl FnOnce(ractor::RpcReplyPort<R>) -> SupervisorMsg,
     ) -> Result<R, WorkerError> {
-        match self.inner.supervisor.call(build, Some(LOAD_TIMEOUT)).await {
+        match self
+            .inner
+            .supervisor
+            .call(build, Some(SUPERVISOR_TIMEOUT))
+            .await
+        {
             Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
             Ok(ractor::rpc::CallResult::Timeout) => Err(WorkerError::Actor(
                 "the supervisor did not answer in time".into(),
@@ -236,14 +245,30 @@ impl Node {
                     reply,
                 })
                 .await??;
+                // Read only what the device does not hold yet, off the device actor.
+                let slot = &node.inner.core.slots[device];
+                let held = slot.hosted().experts;
+                let mut missing: Vec<_> =
+                    experts.into_iter().filter(|k| !held.contains(k)).collect();
+                missing.sort_unstable();
+                missing.dedup();
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                let loaded = load_experts(&node.inner.core, missing).await?;
                 let limits = CallLimits {
                     ready_wait: READY_WAIT,
-                    answer: LOAD_TIMEOUT,
+                    answer: INSTALL_TIMEOUT,
                 };
-                node.inner.core.slots[device]
-                    .call(|reply| DeviceMsg::Load { experts, reply }, limits)
-                    .await
-                    .map_err(|e| node.unavailable(device, e))?
+                slot.call(
+                    |reply| DeviceMsg::Install {
+                        experts: loaded,
+                        reply,
+                    },
+                    limits,
+                )
+                .await
+                .map_err(|e| node.unavailable(device, e))?
             });
         }
         join_all(tasks).await?;
@@ -278,7 +303,7 @@ impl Node {
                 .await?;
                 let limits = CallLimits {
                     ready_wait: READY_WAIT,
-                    answer: LOAD_TIMEOUT,
+                    answer: INSTALL_TIMEOUT,
                 };
                 node.inner.core.slots[device]
                     .call(|reply| DeviceMsg::Unload { experts, reply }, limits)
@@ -326,7 +351,16 @@ impl Node {
                 .iter()
                 .position(|s| s.is_usable() && s.hosts(layer, e))
         })
-        .map_err(|expert| ExpertError::NotHosted { layer, expert })?;
+        .map_err(|expert| {
+            if core.slots.iter().any(|s| s.hosts(layer, expert)) {
+                // Held, but only by devices that failed to restart or are stopped.
+                ExpertError::Unavailable(format!(
+                    "expert {expert} of layer {layer} is held only by unavailable devices"
+                ))
+            } else {
+                ExpertError::NotHosted { layer, expert }
+            }
+        })?;
         drop((rows, expert_ids, weights));
         let mut tasks = JoinSet::new();
         for part in parts {

@@ -231,3 +231,9 @@ async fn unload_drops_experts_and_replicas_serve() {
     assert_close(&got, &want, 1e-5);
     node.stop().await;
 }
+
+#[test]
+fn node_is_a_cheap_shareable_handle() {
+    fn assert_send_sync_clone<T: Send + Sync + Clone + 'static>() {}
+    assert_send_sync_clone::<Node>();
+}

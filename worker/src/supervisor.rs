@@ -16,7 +16,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use crate::actor::{DeviceActor, DeviceArgs};
 use crate::error::WorkerError;
 use crate::node::NodeCore;
-use crate::slot::ActorStatus;
+use crate::slot::{ActorStatus, Hosted};
 
 /// Messages the supervisor handles.
 pub(crate) enum SupervisorMsg {
@@ -61,7 +61,6 @@ impl Supervisor {
             experts: state.assigned[i].iter().copied().collect(),
         };
         let slot = &state.core.slots[i];
-        eprintln!("DEBUG spawn {} with {:?}", i, args.experts);
         match Actor::spawn_linked(None, DeviceActor, args, myself.get_cell()).await {
             Ok((actor, _join)) => {
                 state.actor_ids[i] = Some(actor.get_id());
@@ -73,6 +72,15 @@ impl Supervisor {
                 let reason = e.to_string();
                 tracing::error!(device = %slot.name, error = %reason, "device actor failed to start");
                 slot.set_status(ActorStatus::Failed(reason.clone()));
+                // It holds nothing now: say so, rather than list experts no actor has.
+                slot.set_hosted(Hosted::default());
+                let m = &state.core.metrics;
+                m.hosted_experts
+                    .with_label_values(&[slot.name.as_str()])
+                    .set(0);
+                m.expert_bytes
+                    .with_label_values(&[slot.name.as_str()])
+                    .set(0);
                 Err(WorkerError::Unavailable {
                     device: slot.name.clone(),
                     reason: format!("could not start: {reason}"),

@@ -249,26 +249,17 @@ mod tests {
     #[test]
     fn each_violation_names_its_field() {
         let s = spec();
-        let cases: Vec<(&str, Box<dyn Fn(&mut DispatchRequest)>)> = vec![
-            ("hidden_size", Box::new(|r| r.hidden_size += 1)),
-            ("dtype", Box::new(|r| r.dtype = 0)),
-            ("dtype", Box::new(|r| r.dtype = 77)),
-            ("layer", Box::new(|r| r.layer = 1000)),
-            (
-                "rows",
-                Box::new(|r| {
-                    r.rows.pop();
-                }),
-            ),
-            ("rows", Box::new(|r| r.num_rows = u32::MAX)),
-            ("expert_ids", Box::new(|r| r.expert_ids.push(1))),
-            (
-                "expert_weights",
-                Box::new(|r| {
-                    r.expert_weights.pop();
-                }),
-            ),
-            ("expert_ids", Box::new(|r| r.top_k = 3)),
+        type Mutation = fn(&mut DispatchRequest);
+        let cases: [(&str, Mutation); 9] = [
+            ("hidden_size", |r| r.hidden_size += 1),
+            ("dtype", |r| r.dtype = 0),
+            ("dtype", |r| r.dtype = 77),
+            ("layer", |r| r.layer = 1000),
+            ("rows", |r| r.rows.truncate(1)),
+            ("rows", |r| r.num_rows = u32::MAX),
+            ("expert_ids", |r| r.expert_ids.push(1)),
+            ("expert_weights", |r| r.expert_weights.truncate(1)),
+            ("expert_ids", |r| r.top_k = 3),
         ];
         for (field, mutate) in cases {
             let mut r = request(&s, 2, 2);

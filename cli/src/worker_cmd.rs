@@ -1,0 +1,193 @@
+//! `moe worker`: runs one worker process. Binds the gRPC and HTTP listeners, starts a
+//! [`moe_worker::Node`] over the checkpoint with one actor per device, and serves
+//! `ExpertService` (plus health and reflection) and `/metrics`, `/health` until SIGTERM
+//! or SIGINT, then drains in-flight work within `--drain-timeout-secs` and exits 0.
+//!
+//! Once both listeners are bound and the node has started, it prints exactly one line
+//! to stdout, `moe worker listening grpc=<addr> http=<addr>`, so that scripts and tests
+//! that pass port 0 learn the ports.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use moe_model::WeightDtype;
+use moe_worker::{serve_worker_with, Node, NodeConfig, WorkerServeConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// Checkpoint directory (Hugging Face format). Only the tensors of the experts this
+    /// worker is asked to host are read.
+    #[arg(long, env = "MOE_MODEL")]
+    model: PathBuf,
+    /// Devices to host experts on, comma-separated (`cpu:0,cpu:1`); one actor each.
+    #[arg(
+        long,
+        env = "MOE_DEVICES",
+        default_value = "cpu:0",
+        value_delimiter = ','
+    )]
+    devices: Vec<String>,
+    /// gRPC listen address (HOST:PORT; port 0 picks a free port).
+    #[arg(long, env = "MOE_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
+    listen: String,
+    /// HTTP listen address for /metrics and /health (HOST:PORT; port 0 allowed).
+    #[arg(long, env = "MOE_WORKER_HTTP_LISTEN", default_value = "127.0.0.1:9461")]
+    http_listen: String,
+    /// The address routers should use to reach this worker (default: the bound gRPC
+    /// address; set it when listening on 0.0.0.0).
+    #[arg(long, env = "MOE_WORKER_ADVERTISE")]
+    advertise: Option<String>,
+    /// Worker identifier (default: derived from the advertised address).
+    #[arg(long, env = "MOE_WORKER_ID")]
+    worker_id: Option<String>,
+    /// Storage precision of loaded expert weights: f32 or bf16.
+    #[arg(long, env = "MOE_DTYPE", default_value = "f32")]
+    dtype: WeightDtype,
+    /// On SIGTERM/SIGINT, how long in-flight work may take to finish.
+    #[arg(long, env = "MOE_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
+    drain_timeout_secs: u64,
+    /// Test hook: the device actor that performs the Nth compute panics once.
+    #[arg(long, env = "MOE_TEST_PANIC_AT_COMPUTE", hide = true)]
+    test_panic_at_compute: Option<u64>,
+}
+
+/// `worker-<host>-<port>` from an address: characters other than `[A-Za-z0-9.]` become
+/// single dashes (etcd keys and metric labels stay plain).
+fn worker_id_from(advertise: &str) -> String {
+    let mut id = String::from("worker-");
+    for c in advertise.chars() {
+        let c = if c.is_ascii_alphanumeric() || c == '.' {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && id.ends_with('-')) {
+            id.push(c);
+        }
+    }
+    id.trim_end_matches('-').to_owned()
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("moe-worker")
+        .build()
+        .context("building the tokio runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
+    let grpc_listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding the gRPC listener on {}", args.listen))?;
+    let http_listener = TcpListener::bind(&args.http_listen)
+        .await
+        .with_context(|| format!("binding the HTTP listener on {}", args.http_listen))?;
+    let grpc_addr: SocketAddr = grpc_listener.local_addr()?;
+    let http_addr: SocketAddr = http_listener.local_addr()?;
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
+    if args.advertise.is_none() && grpc_addr.ip().is_unspecified() {
+        tracing::warn!(
+            %grpc_addr,
+            "listening on an unspecified address without --advertise; routers cannot reach {advertise}"
+        );
+    }
+    let worker_id = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| worker_id_from(&advertise));
+    let drain_timeout = Duration::from_secs(args.drain_timeout_secs);
+    tracing::info!(
+        model = %args.model.display(),
+        devices = ?args.devices,
+        grpc = %grpc_addr,
+        http = %http_addr,
+        %advertise,
+        %worker_id,
+        dtype = ?args.dtype,
+        drain_timeout_secs = args.drain_timeout_secs,
+        test_panic_at_compute = ?args.test_panic_at_compute,
+        "moe worker config"
+    );
+
+    let node = Node::start(NodeConfig {
+        model_dir: args.model,
+        devices: args.devices,
+        dtype: args.dtype,
+        worker_id,
+        test_panic_at_compute: args.test_panic_at_compute,
+    })
+    .await
+    .context("starting the worker node")?;
+
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        crate::signals::wait_for_termination().await;
+        tracing::info!("termination signal received: draining");
+        token.cancel();
+    });
+
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "moe worker listening grpc={grpc_addr} http={http_addr}"
+        )?;
+        out.flush()?;
+    }
+
+    let served = serve_worker_with(
+        node.clone(),
+        grpc_listener,
+        http_listener,
+        shutdown,
+        WorkerServeConfig {
+            drain_timeout,
+            ..WorkerServeConfig::default()
+        },
+    )
+    .await;
+    node.stop().await;
+    served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: WorkerArgs,
+    }
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        let cli =
+            Cli::try_parse_from(["moe", "--model", "/m", "--devices", "cpu:0,cpu:1"]).unwrap();
+        assert_eq!(cli.args.devices, ["cpu:0", "cpu:1"]);
+        assert_eq!(cli.args.listen, "127.0.0.1:50061");
+        assert_eq!(cli.args.http_listen, "127.0.0.1:9461");
+        assert_eq!(cli.args.drain_timeout_secs, 10);
+        assert_eq!(cli.args.dtype, WeightDtype::F32);
+        assert!(cli.args.advertise.is_none());
+        assert!(cli.args.test_panic_at_compute.is_none());
+    }
+
+    #[test]
+    fn worker_id_is_derived_from_the_address() {
+        assert_eq!(worker_id_from("10.0.0.7:50061"), "worker-10.0.0.7-50061");
+        assert_eq!(worker_id_from("[::1]:5"), "worker-1-5");
+    }
+}
