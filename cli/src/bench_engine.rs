@@ -16,7 +16,12 @@ pub struct BenchEngineArgs {
     #[arg(long, env = "MOE_MODEL")]
     model: PathBuf,
     /// Batch sizes to measure, comma-separated.
-    #[arg(long, env = "MOE_BENCH_BATCH", value_delimiter = ',', default_value = "1,8,32")]
+    #[arg(
+        long,
+        env = "MOE_BENCH_BATCH",
+        value_delimiter = ',',
+        default_value = "1,8,32"
+    )]
     batch: Vec<usize>,
     /// Prompt length before decoding starts.
     #[arg(long, env = "MOE_BENCH_PROMPT_TOKENS", default_value_t = 128)]

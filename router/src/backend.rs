@@ -134,6 +134,8 @@ pub struct RemoteBackend {
     rt: Handle,
     cfg: DispatchConfig,
     metrics: RouterMetrics,
+    /// Counts MoE layer calls; sent as `step_id` so worker logs line up with the router's.
+    calls: std::sync::atomic::AtomicU64,
 }
 
 /// One worker's share of a MoE layer.
@@ -169,10 +171,11 @@ impl RemoteBackend {
             rt,
             cfg,
             metrics,
+            calls: Default::default(),
         }
     }
 
-    /// Routes by a placement whose copies are loaded. `worker_of` maps a device slot's
+    /// Routes by a placement whose copies are loaded. `worker_index` maps a device slot's
     /// worker name to the index of its client.
     pub fn set_routes(&self, plan: &PlacementPlan, worker_index: &HashMap<String, usize>) {
         let mut routes: HashMap<(usize, u32), Vec<usize>> = HashMap::new();
@@ -248,7 +251,12 @@ impl RemoteBackend {
         Ok(parts.into_values().collect())
     }
 
-    async fn send_part(&self, req: &MoeRequest<'_>, part: &Part) -> Result<Vec<f32>, ExpertError> {
+    async fn send_part(
+        &self,
+        req: &MoeRequest<'_>,
+        part: &Part,
+        call: u64,
+    ) -> Result<Vec<f32>, ExpertError> {
         let h = self.hidden;
         let mut rows = Vec::with_capacity(part.rows.len() * h);
         for r in &part.rows {
@@ -256,7 +264,7 @@ impl RemoteBackend {
         }
         let msg = DispatchRequest {
             request_id: 0,
-            step_id: 0,
+            step_id: call,
             layer: req.layer as u32,
             num_rows: part.rows.len() as u32,
             hidden_size: h as u32,
@@ -307,9 +315,12 @@ impl RemoteBackend {
         let mut avoid: Vec<usize> = Vec::new();
         let mut todo = self.split(req, &avoid)?;
         let mut backoff = self.cfg.retry_backoff;
+        let call = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for attempt in 0..=self.cfg.max_retries {
             let results =
-                futures::future::join_all(todo.iter().map(|p| self.send_part(req, p))).await;
+                futures::future::join_all(todo.iter().map(|p| self.send_part(req, p, call))).await;
             let mut failed_parts = Vec::new();
             for (part, res) in todo.into_iter().zip(results) {
                 match res {

@@ -324,7 +324,14 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    (status, if chunked { dechunk(rest) } else { rest.to_owned() })
+    (
+        status,
+        if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_owned()
+        },
+    )
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -338,6 +345,15 @@ fn dechunk(mut s: &str) -> String {
         s = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// True if `msg` contains `field` as a whole word (`prompt` is not in `prompt_token_ids`).
+pub fn names_field(msg: &str, field: &str) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    msg.match_indices(field).any(|(i, _)| {
+        !msg[..i].chars().next_back().is_some_and(word)
+            && !msg[i + field.len()..].chars().next().is_some_and(word)
+    })
 }
 
 /// GET /metrics; panics unless it answers 200.
@@ -536,7 +552,12 @@ fn offline_tokens(v: &Value) -> Vec<Tok> {
                         .as_array()
                         .expect("top_logprobs")
                         .iter()
-                        .map(|t| (t["token_id"].as_u64().expect("id") as u32, num(&t["logprob"])))
+                        .map(|t| {
+                            (
+                                t["token_id"].as_u64().expect("id") as u32,
+                                num(&t["logprob"]),
+                            )
+                        })
                         .collect(),
                 },
             }

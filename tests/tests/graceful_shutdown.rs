@@ -38,7 +38,8 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
 
     serve.sigterm();
     assert!(
-        wait_until(PATIENCE, || http(serve.http, "GET", "/health", None).0 == 503),
+        wait_until(PATIENCE, || http(serve.http, "GET", "/health", None).0
+            == 503),
         "/health never reported shutting down"
     );
     // The scenario only means something if the request was still running then.

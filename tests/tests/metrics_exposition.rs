@@ -46,8 +46,7 @@ async fn traffic(grpc: SocketAddr) {
         GreedyReq::text("Metrics, please", 6),
         GreedyReq::ids((10..40).collect(), 3),
     ];
-    for r in futures::future::join_all(reqs.iter().map(|r| generate(grpc, r.to_proto()))).await
-    {
+    for r in futures::future::join_all(reqs.iter().map(|r| generate(grpc, r.to_proto()))).await {
         r.expect("request served");
     }
 }
@@ -58,7 +57,10 @@ fn assert_has(what: &str, text: &str, names: &[&str], nonzero: &[&str]) {
         assert!(text.contains(n), "{what}: {n} missing:\n{text}");
     }
     for n in nonzero {
-        assert!(metric_sum(text, n) > 0.0, "{what}: {n} is 0 after traffic:\n{text}");
+        assert!(
+            metric_sum(text, n) > 0.0,
+            "{what}: {n} is 0 after traffic:\n{text}"
+        );
     }
 }
 
@@ -120,7 +122,10 @@ async fn router_and_worker_metrics_pass_promtool() {
     assert_has(
         "moe worker",
         &text,
-        &["moe_worker_compute_seconds", "moe_worker_dispatch_requests_total"],
+        &[
+            "moe_worker_compute_seconds",
+            "moe_worker_dispatch_requests_total",
+        ],
         &[
             "moe_worker_compute_seconds_count",
             "moe_worker_dispatch_requests_total",

@@ -30,7 +30,10 @@ async fn tokens_stream_as_produced_and_dropping_the_stream_cancels() {
             break msg;
         }
     };
-    assert_eq!(first.finish_reason, 0, "first message is not final: {first:?}");
+    assert_eq!(
+        first.finish_reason, 0,
+        "first message is not final: {first:?}"
+    );
     assert!(first.usage.is_none(), "usage only on the final message");
 
     // The token reached us while the request is still running on the server.
