@@ -19,8 +19,11 @@ PROMPT="${PROMPT:-128}"
 MAX_TOKENS="${MAX_TOKENS:-32}"
 PER="${REQUESTS_PER_CLIENT:-4}"
 LOGS=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+# `start` runs in a command substitution (a subshell), so PIDs go through files.
+cleanup() {
+  for f in "$LOGS"/*.pid; do [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null; rm -f "$f"; done
+  wait 2>/dev/null || true
+}
 trap cleanup EXIT
 
 # Starts a moe process in the background and waits for its "listening" line; prints the
@@ -28,13 +31,14 @@ trap cleanup EXIT
 start() {
   local name=$1; shift
   "$MOE" "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.err" &
-  PIDS+=($!)
+  local pid=$!
+  echo "$pid" >"$LOGS/$name.pid"
   for _ in $(seq 1 1200); do
     if grep -q "listening grpc=" "$LOGS/$name.out" 2>/dev/null; then
       grep -o 'grpc=[^ ]*' "$LOGS/$name.out" | head -1 | cut -d= -f2
       return 0
     fi
-    if ! kill -0 "${PIDS[-1]}" 2>/dev/null; then cat "$LOGS/$name.err" >&2; return 1; fi
+    if ! kill -0 "$pid" 2>/dev/null; then cat "$LOGS/$name.err" >&2; return 1; fi
     sleep 0.5
   done
   echo "$name did not start" >&2; return 1
@@ -51,7 +55,7 @@ run_bench() {
 
 target=$(start serve serve --model "$CKPT" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --max-batch-tokens 4096)
 run_bench "standalone (moe serve, 2 in-process device actors)" "$target"
-cleanup; PIDS=()
+cleanup
 
 w1=$(start w1 worker --model "$CKPT" --devices cpu:0 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0)
 w2=$(start w2 worker --model "$CKPT" --devices cpu:0 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0)

@@ -57,13 +57,13 @@ fn prompts(batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Our engine: returns decode tokens/s.
+/// Our engine: returns (prefill tokens/s, decode tokens/s).
 fn ours(
     model: &Model,
     experts: &LocalExperts,
     batch: usize,
     a: &BenchEngineArgs,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let spec = model.spec();
     let pool = KvPool::new(spec, batch * (a.prompt_tokens + a.decode_tokens + 32));
     let ps = prompts(batch, a.prompt_tokens, spec.vocab_size);
@@ -76,7 +76,9 @@ fn ours(
             cache: c,
         })
         .collect();
+    let t_prefill = Instant::now();
     let logits = model.forward(&mut step, experts)?;
+    let prefill = (batch * a.prompt_tokens) as f64 / t_prefill.elapsed().as_secs_f64();
     drop(step);
     let mut next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
     let t0 = Instant::now();
@@ -92,7 +94,8 @@ fn ours(
         let logits = model.forward(&mut step, experts)?;
         next = logits.iter().map(|l| [argmax(l)]).collect();
     }
-    Ok((batch * a.decode_tokens) as f64 / t0.elapsed().as_secs_f64())
+    let decode = (batch * a.decode_tokens) as f64 / t0.elapsed().as_secs_f64();
+    Ok((prefill, decode))
 }
 
 /// candle-transformers' Mixtral on the same files: returns decode tokens/s.
@@ -160,17 +163,17 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         a.decode_tokens
     );
     println!(
-        "{:>6} {:>16} {:>22}",
-        "batch", "moe tokens/s", "candle-transformers"
+        "{:>6} {:>16} {:>22} {:>20}",
+        "batch", "moe decode tok/s", "candle decode tok/s", "moe prefill tok/s"
     );
     for &b in &a.batch {
-        let ours = ours(&model, &experts, b, &a)?;
+        let (prefill, ours) = ours(&model, &experts, b, &a)?;
         let theirs = if with_candle {
             format!("{:.1}", candle_mixtral(&a.model, &spec, b, &a)?)
         } else {
             "n/a".to_owned()
         };
-        println!("{b:>6} {ours:>16.1} {theirs:>22}");
+        println!("{b:>6} {ours:>16.1} {theirs:>22} {prefill:>20.0}");
     }
     Ok(())
 }

@@ -2,10 +2,38 @@
 //!
 //! - [`placement`]: the pure placement planner — which device hosts which
 //!   `(layer, expert)`.
+//! - [`membership`]: worker records, registrations and the [`Registry`] trait, with two
+//!   implementations: [`EtcdRegistry`] (records under leases, a resilient prefix watch)
+//!   and [`InProcessRegistry`] (standalone and static membership).
+//! - [`election`]: election of the placement controller and fenced leader writes.
+//! - [`placement_store`]: the versioned placement in etcd (fenced put, get, watch).
 //!
-//! Membership (etcd and in-process registries) and leader election join this crate with
-//! the control-plane work.
+//! Everything that follows etcd keeps its last value while etcd is unreachable and
+//! reconnects with backoff ([`LiveView`]); every remote call has a deadline.
 
+mod etcd_mirror;
+mod lease;
+
+pub mod election;
+pub mod error;
+pub mod etcd;
+pub mod etcd_registry;
+pub mod in_process_registry;
+pub mod keys;
+pub mod live_view;
+pub mod membership;
 pub mod placement;
+pub mod placement_store;
 
+pub use election::{fenced_put, watch_leader, Election, FencingToken, LeaderInfo, Leadership};
+pub use error::ControlError;
+pub use etcd::{EtcdClient, EtcdConfig};
+pub use etcd_registry::EtcdRegistry;
+pub use in_process_registry::InProcessRegistry;
+pub use keys::ClusterKeys;
+pub use live_view::{ConnectionState, LiveView};
+pub use membership::{
+    DeviceRecord, Membership, Registration, RegistrationState, Registry, WorkerRecord,
+};
 pub use placement::{plan, DeviceSlot, PlacementError, PlacementPlan, PlanInput};
+pub use placement_store::{PlacementStore, StoredPlacement};

@@ -249,6 +249,9 @@ mod simd {
         super::hsum8(&a)
     }
 
+    /// Tokens per cache block of the kernel (even, so 2-token tiles stay aligned).
+    const TOKEN_BLOCK: usize = 32;
+
     macro_rules! kernel {
         ($name:ident, $wty:ty, $load:ident, $conv:expr) => {
             /// All of `w`'s rows against all `m` token rows of `x`; element (r, t) goes to
@@ -281,78 +284,89 @@ mod simd {
                     }
                     s
                 };
-                let mut r = 0;
-                while r + 4 <= n {
-                    let w0 = wp.add(r * k);
-                    let w1 = wp.add((r + 1) * k);
-                    let w2 = wp.add((r + 2) * k);
-                    let w3 = wp.add((r + 3) * k);
-                    let mut t = 0;
-                    while t + 2 <= m {
-                        let x0 = xp.add(t * k);
-                        let x1 = xp.add((t + 1) * k);
-                        let z = _mm256_setzero_ps();
-                        let (mut a00, mut a01, mut a10, mut a11) = (z, z, z, z);
-                        let (mut a20, mut a21, mut a30, mut a31) = (z, z, z, z);
-                        let mut i = 0;
-                        while i < kk {
-                            let v0 = _mm256_loadu_ps(x0.add(i));
-                            let v1 = _mm256_loadu_ps(x1.add(i));
-                            let q = $load(w0.add(i));
-                            a00 = _mm256_fmadd_ps(q, v0, a00);
-                            a01 = _mm256_fmadd_ps(q, v1, a01);
-                            let q = $load(w1.add(i));
-                            a10 = _mm256_fmadd_ps(q, v0, a10);
-                            a11 = _mm256_fmadd_ps(q, v1, a11);
-                            let q = $load(w2.add(i));
-                            a20 = _mm256_fmadd_ps(q, v0, a20);
-                            a21 = _mm256_fmadd_ps(q, v1, a21);
-                            let q = $load(w3.add(i));
-                            a30 = _mm256_fmadd_ps(q, v0, a30);
-                            a31 = _mm256_fmadd_ps(q, v1, a31);
-                            i += 8;
+                // Token blocks keep their rows of x in L2 while every weight row block
+                // streams past; without this, prefill re-reads x from memory per row block.
+                let mut t_lo = 0;
+                while t_lo < m {
+                    let t_hi = (t_lo + TOKEN_BLOCK).min(m);
+                    let mut r = 0;
+                    while r + 4 <= n {
+                        let w0 = wp.add(r * k);
+                        let w1 = wp.add((r + 1) * k);
+                        let w2 = wp.add((r + 2) * k);
+                        let w3 = wp.add((r + 3) * k);
+                        let mut t = t_lo;
+                        while t + 2 <= t_hi {
+                            let x0 = xp.add(t * k);
+                            let x1 = xp.add((t + 1) * k);
+                            let z = _mm256_setzero_ps();
+                            let (mut a00, mut a01, mut a10, mut a11) = (z, z, z, z);
+                            let (mut a20, mut a21, mut a30, mut a31) = (z, z, z, z);
+                            let mut i = 0;
+                            while i < kk {
+                                let v0 = _mm256_loadu_ps(x0.add(i));
+                                let v1 = _mm256_loadu_ps(x1.add(i));
+                                let q = $load(w0.add(i));
+                                a00 = _mm256_fmadd_ps(q, v0, a00);
+                                a01 = _mm256_fmadd_ps(q, v1, a01);
+                                let q = $load(w1.add(i));
+                                a10 = _mm256_fmadd_ps(q, v0, a10);
+                                a11 = _mm256_fmadd_ps(q, v1, a11);
+                                let q = $load(w2.add(i));
+                                a20 = _mm256_fmadd_ps(q, v0, a20);
+                                a21 = _mm256_fmadd_ps(q, v1, a21);
+                                let q = $load(w3.add(i));
+                                a30 = _mm256_fmadd_ps(q, v0, a30);
+                                a31 = _mm256_fmadd_ps(q, v1, a31);
+                                i += 8;
+                            }
+                            for (dr, (c0, c1)) in [(a00, a01), (a10, a11), (a20, a21), (a30, a31)]
+                                .into_iter()
+                                .enumerate()
+                            {
+                                *out.add(t * ldo + r + dr) = complete(c0, r + dr, t);
+                                *out.add((t + 1) * ldo + r + dr) = complete(c1, r + dr, t + 1);
+                            }
+                            t += 2;
                         }
-                        for (dr, (c0, c1)) in [(a00, a01), (a10, a11), (a20, a21), (a30, a31)]
-                            .into_iter()
-                            .enumerate()
-                        {
-                            *out.add(t * ldo + r + dr) = complete(c0, r + dr, t);
-                            *out.add((t + 1) * ldo + r + dr) = complete(c1, r + dr, t + 1);
+                        if t < t_hi {
+                            let x0 = xp.add(t * k);
+                            let z = _mm256_setzero_ps();
+                            let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+                            let mut i = 0;
+                            while i < kk {
+                                let v0 = _mm256_loadu_ps(x0.add(i));
+                                a0 = _mm256_fmadd_ps($load(w0.add(i)), v0, a0);
+                                a1 = _mm256_fmadd_ps($load(w1.add(i)), v0, a1);
+                                a2 = _mm256_fmadd_ps($load(w2.add(i)), v0, a2);
+                                a3 = _mm256_fmadd_ps($load(w3.add(i)), v0, a3);
+                                i += 8;
+                            }
+                            for (dr, c) in [a0, a1, a2, a3].into_iter().enumerate() {
+                                *out.add(t * ldo + r + dr) = complete(c, r + dr, t);
+                            }
                         }
-                        t += 2;
+                        r += 4;
                     }
-                    if t < m {
-                        let x0 = xp.add(t * k);
-                        let z = _mm256_setzero_ps();
-                        let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
-                        let mut i = 0;
-                        while i < kk {
-                            let v0 = _mm256_loadu_ps(x0.add(i));
-                            a0 = _mm256_fmadd_ps($load(w0.add(i)), v0, a0);
-                            a1 = _mm256_fmadd_ps($load(w1.add(i)), v0, a1);
-                            a2 = _mm256_fmadd_ps($load(w2.add(i)), v0, a2);
-                            a3 = _mm256_fmadd_ps($load(w3.add(i)), v0, a3);
-                            i += 8;
+                    while r < n {
+                        let w0 = wp.add(r * k);
+                        for t in t_lo..t_hi {
+                            let x0 = xp.add(t * k);
+                            let mut a = _mm256_setzero_ps();
+                            let mut i = 0;
+                            while i < kk {
+                                a = _mm256_fmadd_ps(
+                                    $load(w0.add(i)),
+                                    _mm256_loadu_ps(x0.add(i)),
+                                    a,
+                                );
+                                i += 8;
+                            }
+                            *out.add(t * ldo + r) = complete(a, r, t);
                         }
-                        for (dr, c) in [a0, a1, a2, a3].into_iter().enumerate() {
-                            *out.add(t * ldo + r + dr) = complete(c, r + dr, t);
-                        }
+                        r += 1;
                     }
-                    r += 4;
-                }
-                while r < n {
-                    let w0 = wp.add(r * k);
-                    for t in 0..m {
-                        let x0 = xp.add(t * k);
-                        let mut a = _mm256_setzero_ps();
-                        let mut i = 0;
-                        while i < kk {
-                            a = _mm256_fmadd_ps($load(w0.add(i)), _mm256_loadu_ps(x0.add(i)), a);
-                            i += 8;
-                        }
-                        *out.add(t * ldo + r) = complete(a, r, t);
-                    }
-                    r += 1;
+                    t_lo = t_hi;
                 }
             }
         };

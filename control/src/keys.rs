@@ -1,0 +1,103 @@
+//! The etcd key layout of one cluster (DESIGN.md §4), in one place.
+//!
+//! Everything lives under `/moe/<cluster>/`: `workers/<id>` (membership, leased),
+//! `placement` (the versioned placement), `ready/<worker>` (the placement version a
+//! worker has loaded) and `controller` (the election of the placement controller; etcd's
+//! election API keeps its candidates under `controller/<lease id in hex>`).
+
+use crate::error::ControlError;
+
+/// Key names of one cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterKeys {
+    root: String,
+}
+
+impl ClusterKeys {
+    /// Keys of cluster `cluster`: letters, digits, `-`, `_` and `.` only.
+    pub fn new(cluster: &str) -> Result<Self, ControlError> {
+        check_name("cluster", cluster)?;
+        Ok(Self {
+            root: format!("/moe/{cluster}/"),
+        })
+    }
+
+    /// `/moe/<cluster>/workers/`: the membership prefix.
+    pub fn workers_prefix(&self) -> String {
+        format!("{}workers/", self.root)
+    }
+
+    /// `/moe/<cluster>/workers/<id>`.
+    pub fn worker(&self, id: &str) -> String {
+        format!("{}{id}", self.workers_prefix())
+    }
+
+    /// `/moe/<cluster>/placement`.
+    pub fn placement(&self) -> String {
+        format!("{}placement", self.root)
+    }
+
+    /// `/moe/<cluster>/ready/`: the readiness prefix.
+    pub fn ready_prefix(&self) -> String {
+        format!("{}ready/", self.root)
+    }
+
+    /// `/moe/<cluster>/ready/<worker>`.
+    pub fn ready(&self, worker: &str) -> String {
+        format!("{}{worker}", self.ready_prefix())
+    }
+
+    /// `/moe/<cluster>/controller`: the election name of the placement controller.
+    pub fn controller(&self) -> String {
+        format!("{}controller", self.root)
+    }
+
+    /// `/moe/<cluster>/controller/`: where etcd keeps the election's candidates.
+    pub fn controller_candidates(&self) -> String {
+        format!("{}/", self.controller())
+    }
+}
+
+/// Checks an id used as one key segment: non-empty, no `/`, printable ASCII.
+pub(crate) fn check_name(field: &'static str, name: &str) -> Result<(), ControlError> {
+    if name.is_empty() {
+        return Err(ControlError::invalid(field, "must not be empty"));
+    }
+    if name.len() > 200 {
+        return Err(ControlError::invalid(field, "longer than 200 bytes"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        return Err(ControlError::invalid(
+            field,
+            format!("{name:?} contains {c:?}; use letters, digits, '-', '_', '.', ':'"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_the_design() {
+        let k = ClusterKeys::new("prod-1").unwrap();
+        assert_eq!(k.worker("w0"), "/moe/prod-1/workers/w0");
+        assert_eq!(k.workers_prefix(), "/moe/prod-1/workers/");
+        assert_eq!(k.placement(), "/moe/prod-1/placement");
+        assert_eq!(k.ready("w0"), "/moe/prod-1/ready/w0");
+        assert_eq!(k.controller(), "/moe/prod-1/controller");
+        assert_eq!(k.controller_candidates(), "/moe/prod-1/controller/");
+    }
+
+    #[test]
+    fn bad_names_are_refused_with_the_field() {
+        for bad in ["", "a/b", "a b", "ü"] {
+            let err = ClusterKeys::new(bad).unwrap_err();
+            assert!(err.to_string().starts_with("invalid cluster"), "{err}");
+        }
+    }
+}
