@@ -8,13 +8,16 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use moe_model::checkpoint::Checkpoint;
-use moe_model::generate::{generate, GenerateOptions, Generated};
+use moe_model::{FinishReason, Sampled};
 use moe_model::{
     LocalExperts, Model, ModelSpec, SamplingParams, SequenceRequest, StopParams, Tokenizer,
     WeightDtype,
 };
+use moe_router::metrics::RouterMetrics;
+use moe_router::scheduler::{Engine, EngineConfig, Event};
 use serde::Deserialize;
 use serde_json::json;
+use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -130,6 +133,46 @@ fn to_request(line: Line, tok: &Tokenizer) -> anyhow::Result<SequenceRequest> {
     })
 }
 
+/// One finished request.
+struct Generated {
+    text: String,
+    token_ids: Vec<u32>,
+    finish_reason: FinishReason,
+    /// One entry per token when logprobs were asked for.
+    logprobs: Vec<Sampled>,
+    prompt_tokens: u32,
+}
+
+/// Drains one request's events (blocking: this thread is not a runtime thread).
+fn collect(
+    mut rx: tokio::sync::mpsc::Receiver<Event>,
+    want_logprobs: bool,
+) -> Result<Generated, String> {
+    let (mut text, mut token_ids, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Tokens { tokens, text: t } => {
+                text.push_str(&t);
+                token_ids.extend(tokens.iter().map(|s| s.token_id));
+                if want_logprobs {
+                    logprobs.extend(tokens);
+                }
+            }
+            Event::Done { reason, usage } => {
+                return Ok(Generated {
+                    text,
+                    token_ids,
+                    finish_reason: reason,
+                    logprobs,
+                    prompt_tokens: usage.prompt_tokens,
+                })
+            }
+            Event::Error(e) => return Err(e.to_string()),
+        }
+    }
+    Err("the engine stopped before the request finished".into())
+}
+
 fn result_json(index: usize, g: &Generated) -> serde_json::Value {
     let mut v = json!({
         "index": index,
@@ -183,18 +226,37 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             Err(e) => slots.push(Err(e)),
         }
     }
-    let opts = GenerateOptions {
-        max_batch_tokens: a.max_batch_tokens,
-        max_running: a.max_running,
-        kv_capacity_tokens: a.kv_tokens,
-        seed: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0),
-    };
     let n_req = requests.len();
+    // The same engine loop as the router's (continuous batching), fed from this file.
+    let engine = Engine {
+        model: Arc::new(model),
+        tokenizer: Arc::new(tok),
+        backend: Arc::new(experts),
+        config: EngineConfig {
+            max_batch_tokens: a.max_batch_tokens.max(1),
+            max_running: a.max_running.max(1),
+            max_waiting: n_req.max(1),
+            kv_capacity_tokens: a.kv_tokens,
+        },
+        metrics: RouterMetrics::new(),
+    }
+    .start()?;
     let gen_start = std::time::Instant::now();
-    let results = generate(&model, &experts, &tok, requests, &opts);
+    let receivers: Vec<_> = requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let want_logprobs = r.sampling.logprobs.is_some();
+            (engine.submit(format!("line-{i}"), r), want_logprobs)
+        })
+        .collect();
+    let results: Vec<Result<Generated, String>> = receivers
+        .into_iter()
+        .map(|(rx, want_logprobs)| match rx {
+            Ok(rx) => collect(rx, want_logprobs),
+            Err(e) => Err(e.to_string()),
+        })
+        .collect();
     let secs = gen_start.elapsed().as_secs_f64();
 
     let mut out = std::io::BufWriter::new(
@@ -216,7 +278,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 }
                 Err(e) => {
                     failed += 1;
-                    json!({"index": index, "error": e.to_string()})
+                    json!({"index": index, "error": e})
                 }
             },
         };

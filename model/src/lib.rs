@@ -7,7 +7,6 @@
 //! - [`kv_cache`], [`attention`], [`rope`], [`routing`], [`linalg`]: the blocks.
 //! - [`sampling`], [`stop`], [`tokenizer`]: from logits to text.
 //! - [`tiny`]: writes small random-weight checkpoints in the exact Hugging Face format.
-//! - [`generate`]: offline batch generation over many requests.
 
 pub mod attention;
 pub mod checkpoint;
@@ -15,7 +14,6 @@ pub mod config;
 pub mod demo_tokenizer;
 pub mod error;
 pub mod experts;
-pub mod generate;
 pub mod kv_cache;
 pub mod linalg;
 pub mod model;

@@ -1,6 +1,6 @@
 //! One request's life as a sequence: its prompt, KV cache, sampler, stop rules and
-//! incremental detokeniser. The offline generator and the router's scheduler both drive
-//! sequences the same way: feed the next chunk (prompt pieces, then one token per step),
+//! incremental detokeniser. The router's engine loop (which `moe generate` also runs)
+//! drives sequences this way: feed the next chunk (prompt pieces, then one token per step),
 //! and hand the last position's logits back to [`Sequence::on_logits`].
 
 use crate::config::ModelSpec;
