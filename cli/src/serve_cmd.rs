@@ -9,6 +9,7 @@ use anyhow::Context;
 use moe_model::tiny::{self, Size, StoreDtype, TinyOptions};
 use moe_model::{Arch, WeightDtype};
 use moe_router::backend::DispatchConfig;
+use moe_router::elastic::EtcdMembership;
 use moe_router::scheduler::EngineConfig;
 use moe_router::{run_router, ExpertSource, RouterConfig};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,17 @@ pub struct ServeArgs {
     /// Worker addresses, host:port (`moe router` only).
     #[arg(long, env = "MOE_WORKERS", value_delimiter = ',')]
     workers: Vec<String>,
+    /// etcd endpoints (`http://host:2379`, comma-separated; `moe router` only): take the
+    /// workers from the cluster membership instead of `--workers`, and re-place experts
+    /// when workers join or leave.
+    #[arg(long, env = "MOE_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Cluster name: the etcd key prefix `/moe/<cluster>/` (with `--etcd`).
+    #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// With `--etcd`: registered workers to wait for before the first placement.
+    #[arg(long, env = "MOE_MIN_WORKERS", default_value_t = 1)]
+    min_workers: usize,
     /// Weight precision on CPU.
     #[arg(long, env = "MOE_DTYPE", default_value = "f32")]
     dtype: WeightDtype,
@@ -136,10 +148,22 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
                 devices: a.devices.clone(),
             }
         }
+        Mode::Router if !a.etcd.is_empty() => {
+            anyhow::ensure!(
+                a.workers.is_empty(),
+                "--workers and --etcd exclude each other: workers come from one or the other"
+            );
+            anyhow::ensure!(a.min_workers > 0, "--min-workers must be at least 1");
+            ExpertSource::Etcd(EtcdMembership {
+                endpoints: a.etcd.clone(),
+                cluster: a.cluster.clone(),
+                min_workers: a.min_workers,
+            })
+        }
         Mode::Router => {
             anyhow::ensure!(
                 !a.workers.is_empty(),
-                "--workers must list at least one worker address (host:port)"
+                "--workers must list at least one worker address (host:port), or --etcd its membership"
             );
             ExpertSource::Remote {
                 workers: a.workers.clone(),
@@ -168,6 +192,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
             deadline: Duration::from_millis(a.dispatch_timeout_ms.max(1)),
             max_retries: a.dispatch_retries,
             retry_backoff: Duration::from_millis(50),
+            mark_down_for: Duration::from_secs(5),
         },
         replicas: a.expert_replicas,
         startup_timeout: Duration::from_secs(a.startup_timeout_secs),

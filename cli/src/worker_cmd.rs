@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use moe_control::{DeviceRecord, EtcdConfig, EtcdRegistry, Registry, WorkerRecord};
 use moe_model::WeightDtype;
 use moe_worker::{serve_worker_with, Node, NodeConfig, WorkerServeConfig};
 use tokio::net::TcpListener;
@@ -51,6 +52,17 @@ pub struct WorkerArgs {
     /// On SIGTERM/SIGINT, how long in-flight work may take to finish.
     #[arg(long, env = "MOE_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     drain_timeout_secs: u64,
+    /// etcd endpoints (`http://host:2379`, comma-separated): register this worker in the
+    /// cluster's membership so routers started with `--etcd` discover it.
+    #[arg(long, env = "MOE_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Cluster name: the etcd key prefix `/moe/<cluster>/` (with `--etcd`).
+    #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// Lease TTL of the registration, in seconds (kept alive every TTL/2); a worker that
+    /// dies leaves the membership this long after.
+    #[arg(long, env = "MOE_LEASE_TTL_SECS", default_value_t = 10)]
+    lease_ttl_secs: u64,
     /// Test hook: the device actor that performs the Nth compute panics once.
     #[arg(long, env = "MOE_TEST_PANIC_AT_COMPUTE", hide = true)]
     test_panic_at_compute: Option<u64>,
@@ -101,7 +113,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
             "listening on an unspecified address without --advertise; routers cannot reach {advertise}"
         );
     }
-    let worker_id = args
+    let worker_id: String = args
         .worker_id
         .clone()
         .unwrap_or_else(|| worker_id_from(&advertise));
@@ -123,11 +135,40 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         model_dir: args.model,
         devices: args.devices,
         dtype: args.dtype,
-        worker_id,
+        worker_id: worker_id.clone(),
         test_panic_at_compute: args.test_panic_at_compute,
     })
     .await
     .context("starting the worker node")?;
+
+    // Registered once the node is up; etcd being down now is not fatal (the registration
+    // keeps retrying with backoff).
+    let registration = if args.etcd.is_empty() {
+        None
+    } else {
+        anyhow::ensure!(args.lease_ttl_secs > 0, "--lease-ttl-secs must be positive");
+        let config =
+            EtcdConfig::new(args.etcd.clone(), &args.cluster).context("--etcd/--cluster")?;
+        let record = WorkerRecord {
+            worker_id: worker_id.clone(),
+            address: advertise.clone(),
+            devices: node
+                .device_names()
+                .into_iter()
+                .map(|name| DeviceRecord {
+                    name,
+                    capacity_bytes: 0,
+                })
+                .collect(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let ttl = Duration::from_secs(args.lease_ttl_secs);
+        let reg = EtcdRegistry::new(config)
+            .register(record, ttl)
+            .context("registering in etcd")?;
+        tracing::info!(etcd = ?args.etcd, cluster = %args.cluster, ttl_secs = args.lease_ttl_secs, "registering in the cluster membership");
+        Some(reg)
+    };
 
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -157,6 +198,16 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         },
     )
     .await;
+    if let Some(reg) = registration {
+        // Drained: leave the membership at once rather than after the lease TTL.
+        match tokio::time::timeout(Duration::from_secs(5), reg.revoke()).await {
+            Ok(Ok(())) => tracing::info!("left the cluster membership"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "revoking the registration failed; it expires by TTL")
+            }
+            Err(_) => tracing::warn!("revoking the registration timed out; it expires by TTL"),
+        }
+    }
     node.stop().await;
     served
 }
@@ -183,6 +234,9 @@ mod tests {
         assert_eq!(cli.args.dtype, WeightDtype::F32);
         assert!(cli.args.advertise.is_none());
         assert!(cli.args.test_panic_at_compute.is_none());
+        assert!(cli.args.etcd.is_empty());
+        assert_eq!(cli.args.cluster, "default");
+        assert_eq!(cli.args.lease_ttl_secs, 10);
     }
 
     #[test]

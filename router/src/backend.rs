@@ -7,8 +7,8 @@
 //! The engine thread calls `forward` synchronously; these bridge into the async runtime
 //! with `Handle::block_on` (the engine thread is not a runtime thread).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use moe_control::PlacementPlan;
@@ -29,6 +29,9 @@ pub struct DispatchConfig {
     pub max_retries: u32,
     /// Wait before a retry (doubles each time).
     pub retry_backoff: Duration,
+    /// How long a worker whose dispatch failed is skipped by later calls while another
+    /// copy of its experts exists (a sole copy is still tried).
+    pub mark_down_for: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -37,9 +40,15 @@ impl Default for DispatchConfig {
             deadline: Duration::from_secs(10),
             max_retries: 3,
             retry_backoff: Duration::from_millis(50),
+            mark_down_for: Duration::from_secs(5),
         }
     }
 }
+
+/// Longest wait between two dispatch retries.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// How often a dispatch waiting for a copy of an expert looks at the routes again.
+const COPY_POLL: Duration = Duration::from_millis(20);
 
 /// Adds this layer's routed tokens to the per-expert counters.
 fn count_expert_tokens(m: &RouterMetrics, req: &MoeRequest<'_>) {
@@ -127,7 +136,11 @@ impl ExpertBackend for LocalBackend {
 
 /// Experts on remote workers, reached over gRPC.
 pub struct RemoteBackend {
-    workers: Vec<Arc<WorkerClient>>,
+    /// Every worker ever added; an index stays valid (routes drop a departed worker).
+    workers: RwLock<Vec<Arc<WorkerClient>>>,
+    /// Elastic membership (`--etcd`): a dispatch whose experts have no live copy waits,
+    /// within `deadline × (max_retries + 1)`, for the placement to give them one.
+    wait_for_copies: bool,
     /// `(layer, expert)` → indices of workers hosting it (ready copies only).
     routes: RwLock<HashMap<(usize, u32), Vec<usize>>>,
     hidden: usize,
@@ -136,6 +149,8 @@ pub struct RemoteBackend {
     metrics: RouterMetrics,
     /// Counts MoE layer calls; sent as `step_id` so worker logs line up with the router's.
     calls: std::sync::atomic::AtomicU64,
+    /// Workers whose dispatch failed, and until when later calls skip them.
+    down_until: Mutex<HashMap<usize, Instant>>,
 }
 
 /// One worker's share of a MoE layer.
@@ -165,13 +180,89 @@ impl RemoteBackend {
         metrics: RouterMetrics,
     ) -> RemoteBackend {
         RemoteBackend {
-            workers,
+            workers: RwLock::new(workers),
+            wait_for_copies: false,
             routes: RwLock::new(HashMap::new()),
             hidden,
             rt,
             cfg,
             metrics,
             calls: Default::default(),
+            down_until: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes dispatch wait for a copy of an expert that has none (elastic membership).
+    pub fn with_wait_for_copies(mut self) -> RemoteBackend {
+        self.wait_for_copies = true;
+        self
+    }
+
+    /// Adds a worker; returns its index for [`set_routes`](Self::set_routes).
+    pub fn add_worker(&self, client: Arc<WorkerClient>) -> usize {
+        match self.workers.write() {
+            Ok(mut w) => {
+                w.push(client);
+                w.len() - 1
+            }
+            Err(p) => {
+                let mut w = p.into_inner();
+                w.push(client);
+                w.len() - 1
+            }
+        }
+    }
+
+    /// The client of worker `i`.
+    pub fn worker(&self, i: usize) -> Option<Arc<WorkerClient>> {
+        self.workers.read().ok().and_then(|w| w.get(i).cloned())
+    }
+
+    fn addr_of(&self, i: usize) -> String {
+        self.worker(i)
+            .map(|w| w.addr().to_owned())
+            .unwrap_or_else(|| format!("#{i}"))
+    }
+
+    /// Skips `worker` in later calls for [`DispatchConfig::mark_down_for`] while other
+    /// copies exist; counts the event when it was not down already.
+    fn mark_down(&self, worker: usize) {
+        let now = Instant::now();
+        let until = now + self.cfg.mark_down_for;
+        let newly = match self.down_until.lock() {
+            Ok(mut d) => {
+                let was_up = d.get(&worker).is_none_or(|t| *t <= now);
+                d.insert(worker, until);
+                was_up
+            }
+            Err(_) => false,
+        };
+        if newly {
+            let addr = self.addr_of(worker);
+            tracing::warn!(worker = %addr, for_ms = self.cfg.mark_down_for.as_millis() as u64, "worker marked down");
+            self.metrics
+                .worker_marked_down
+                .with_label_values(&[addr.as_str()])
+                .inc();
+        }
+    }
+
+    /// Forgets that `worker` failed (it answered again).
+    fn mark_up(&self, worker: usize) {
+        if let Ok(mut d) = self.down_until.lock() {
+            d.remove(&worker);
+        }
+    }
+
+    /// Workers marked down now.
+    fn down_now(&self) -> Vec<usize> {
+        let now = Instant::now();
+        match self.down_until.lock() {
+            Ok(mut d) => {
+                d.retain(|_, t| *t > now);
+                d.keys().copied().collect()
+            }
+            Err(_) => Vec::new(),
         }
     }
 
@@ -203,7 +294,9 @@ impl RemoteBackend {
             .read()
             .map_err(|_| ExpertError::Unavailable("routing table poisoned".into()))?;
         let k = req.top_k;
+        let down = self.down_now();
         let mut parts: BTreeMap<usize, Part> = BTreeMap::new();
+        let mut missing: BTreeSet<u32> = BTreeSet::new();
         for row in 0..req.num_rows() {
             for s in 0..k {
                 let e = req.expert_ids[row * k + s];
@@ -217,20 +310,28 @@ impl RemoteBackend {
                 let healthy: Vec<usize> = hosts
                     .iter()
                     .copied()
-                    .filter(|w| !avoid.contains(w))
+                    .filter(|w| !avoid.contains(w) && !down.contains(w))
                     .collect();
-                // Spread an expert's rows over its copies; fall back to a failed worker
-                // only when it is the sole copy (it may have recovered).
-                let pool = if healthy.is_empty() {
-                    hosts.to_vec()
-                } else {
+                // Spread an expert's rows over its copies; fall back to a worker that
+                // failed in this call or recently only when no other copy is left (it
+                // may have recovered), preferring one that did not fail in this call.
+                let pool = if !healthy.is_empty() {
                     healthy
+                } else {
+                    let fresh: Vec<usize> = hosts
+                        .iter()
+                        .copied()
+                        .filter(|w| !avoid.contains(w))
+                        .collect();
+                    if fresh.is_empty() {
+                        hosts.to_vec()
+                    } else {
+                        fresh
+                    }
                 };
                 let Some(&w) = pool.get(row % pool.len().max(1)) else {
-                    return Err(ExpertError::Unavailable(format!(
-                        "no live worker hosts expert {e} of layer {}",
-                        req.layer
-                    )));
+                    missing.insert(e);
+                    continue;
                 };
                 let part = parts.entry(w).or_insert_with(|| Part {
                     worker: w,
@@ -247,6 +348,12 @@ impl RemoteBackend {
                 part.ids[base + s] = e;
                 part.weights[base + s] = req.weights[row * k + s];
             }
+        }
+        if !missing.is_empty() {
+            return Err(ExpertError::Unavailable(format!(
+                "no live worker hosts layer {} experts {:?}",
+                req.layer, missing
+            )));
         }
         Ok(parts.into_values().collect())
     }
@@ -274,7 +381,9 @@ impl RemoteBackend {
             expert_ids: part.ids.clone(),
             expert_weights: part.weights.clone(),
         };
-        let worker = &self.workers[part.worker];
+        let worker = self
+            .worker(part.worker)
+            .ok_or_else(|| ExpertError::Unavailable(format!("no worker #{}", part.worker)))?;
         let started = Instant::now();
         let resp = worker.dispatch(msg, self.cfg.deadline).await;
         self.metrics
@@ -313,18 +422,22 @@ impl RemoteBackend {
         let h = self.hidden;
         let mut out = vec![0f32; req.num_rows() * h];
         let mut avoid: Vec<usize> = Vec::new();
-        let mut todo = self.split(req, &avoid)?;
         let mut backoff = self.cfg.retry_backoff;
+        let started = Instant::now();
+        let bound = self.cfg.deadline * (self.cfg.max_retries + 1);
+        let mut todo = self.split_waiting(req, &avoid, started, bound).await?;
         let call = self
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        for attempt in 0..=self.cfg.max_retries {
+        let mut attempt: u32 = 0;
+        loop {
             let results =
                 futures::future::join_all(todo.iter().map(|p| self.send_part(req, p, call))).await;
             let mut failed_parts = Vec::new();
             for (part, res) in todo.into_iter().zip(results) {
                 match res {
                     Ok(y) => {
+                        self.mark_up(part.worker);
                         for (j, r) in part.rows.iter().enumerate() {
                             for (o, v) in out[r * h..(r + 1) * h]
                                 .iter_mut()
@@ -341,20 +454,24 @@ impl RemoteBackend {
             if failed_parts.is_empty() {
                 return Ok(out);
             }
-            if attempt == self.cfg.max_retries {
+            let out_of_time = started.elapsed() + backoff >= bound;
+            if (!self.wait_for_copies && attempt == self.cfg.max_retries)
+                || (self.wait_for_copies && out_of_time)
+            {
                 let (_, e) = failed_parts.swap_remove(0);
                 return Err(e);
             }
             // Retry the failed workers' slots, on other copies where there are any.
             let mut retry_ids = vec![NO_EXPERT; req.expert_ids.len()];
             for (part, e) in &failed_parts {
-                let addr = self.workers[part.worker].addr();
+                let addr = self.addr_of(part.worker);
                 tracing::warn!(worker = %addr, error = %e, attempt, "dispatch failed; retrying");
                 self.metrics
                     .dispatch_retries
-                    .with_label_values(&[addr, "unavailable"])
+                    .with_label_values(&[addr.as_str(), "unavailable"])
                     .inc();
                 avoid.push(part.worker);
+                self.mark_down(part.worker);
                 for (j, r) in part.rows.iter().enumerate() {
                     for s in 0..req.top_k {
                         let id = part.ids[j * req.top_k + s];
@@ -365,16 +482,49 @@ impl RemoteBackend {
                 }
             }
             tokio::time::sleep(backoff).await;
-            backoff *= 2;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            attempt += 1;
+            if self.wait_for_copies {
+                // The failed workers may be all the copies there are: try them again
+                // (they may have come back) until the placement replaces them.
+                avoid.clear();
+            }
             let retry_req = MoeRequest {
                 expert_ids: &retry_ids,
                 ..*req
             };
-            todo = self.split(&retry_req, &avoid)?;
+            todo = self
+                .split_waiting(&retry_req, &avoid, started, bound)
+                .await?;
         }
-        Err(ExpertError::Unavailable(
-            "dispatch retries exhausted".into(),
-        ))
+    }
+
+    /// [`split`](Self::split); with elastic membership, waits while an expert has no
+    /// copy, until `started + bound`, then fails naming the missing experts.
+    async fn split_waiting(
+        &self,
+        req: &MoeRequest<'_>,
+        avoid: &[usize],
+        started: Instant,
+        bound: Duration,
+    ) -> Result<Vec<Part>, ExpertError> {
+        loop {
+            match self.split(req, avoid) {
+                Ok(parts) => return Ok(parts),
+                Err(e) if !self.wait_for_copies || started.elapsed() >= bound => {
+                    return Err(match e {
+                        ExpertError::Unavailable(m) if self.wait_for_copies => {
+                            ExpertError::Unavailable(format!(
+                                "{m} (waited {} ms for a new placement)",
+                                started.elapsed().as_millis()
+                            ))
+                        }
+                        e => e,
+                    })
+                }
+                Err(_) => tokio::time::sleep(COPY_POLL).await,
+            }
+        }
     }
 }
 

@@ -6,10 +6,12 @@
 //! - [`scheduler`]: the engine thread with continuous batching.
 //! - [`backend`] and [`remote`]: the expert backends — device actors in this process, or
 //!   workers over gRPC.
+//! - [`elastic`]: workers from the etcd membership, placement that follows it.
 //! - [`serve`]: wiring it all up, placement at start, graceful shutdown.
 //! - [`metrics`]: Prometheus names and the registry.
 
 pub mod backend;
+pub mod elastic;
 pub mod error;
 pub mod grpc;
 pub mod http;

@@ -23,6 +23,7 @@ pub const DISPATCH: &str = "moe_dispatch_seconds";
 pub const DISPATCH_RETRIES: &str = "moe_dispatch_retries_total";
 pub const EXPERT_TOKENS: &str = "moe_expert_tokens_total";
 pub const PLACEMENT_VERSION: &str = "moe_placement_version";
+pub const WORKER_MARKED_DOWN: &str = "moe_worker_marked_down_total";
 
 /// Latency buckets from 1 ms to ~30 s.
 fn latency_buckets() -> Vec<f64> {
@@ -49,6 +50,7 @@ pub struct RouterMetrics {
     pub dispatch_retries: IntCounterVec,
     pub expert_tokens: IntCounterVec,
     pub placement_version: IntGauge,
+    pub worker_marked_down: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -103,6 +105,7 @@ impl RouterMetrics {
             dispatch_retries: reg(&r, counter_vec(DISPATCH_RETRIES, "Expert dispatches sent again, by worker and reason.", &["worker", "reason"])),
             expert_tokens: reg(&r, counter_vec(EXPERT_TOKENS, "Tokens routed to each expert (per-expert load).", &["layer", "expert"])),
             placement_version: reg(&r, int_gauge(PLACEMENT_VERSION, "Version of the expert placement in force.")),
+            worker_marked_down: reg(&r, counter_vec(WORKER_MARKED_DOWN, "Times a worker was marked down after a failed dispatch (skipped while other copies exist).", &["worker"])),
             registry: r,
         }
     }

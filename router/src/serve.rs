@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{DispatchConfig, LocalBackend, RemoteBackend};
+use crate::elastic::{self, EtcdMembership};
 use crate::grpc::Api;
 use crate::http::{router, HttpState};
 use crate::metrics::RouterMetrics;
@@ -31,6 +32,8 @@ pub enum ExpertSource {
     Local { devices: Vec<String> },
     /// Remote workers at these addresses.
     Remote { workers: Vec<String> },
+    /// Remote workers from the cluster membership in etcd; placement follows it.
+    Etcd(EtcdMembership),
 }
 
 /// Everything a router needs, validated.
@@ -224,6 +227,28 @@ pub async fn run_router(
             ))
         }
         ExpertSource::Remote { .. } => Arc::new(place_remote(&cfg, &spec, &metrics).await?),
+        ExpertSource::Etcd(source) => {
+            let backend = Arc::new(
+                RemoteBackend::new(
+                    Vec::new(),
+                    spec.hidden_size,
+                    tokio::runtime::Handle::current(),
+                    cfg.dispatch.clone(),
+                    metrics.clone(),
+                )
+                .with_wait_for_copies(),
+            );
+            elastic::start(
+                source,
+                backend.clone(),
+                &spec,
+                cfg.replicas,
+                cfg.startup_timeout,
+                shutdown.child_token(),
+            )
+            .await?;
+            backend
+        }
     };
     let model = Arc::new(model);
     let engine = Engine {

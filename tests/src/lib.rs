@@ -11,6 +11,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
 use moe_proto::v1::expert_service_client::ExpertServiceClient;
 use moe_proto::v1::generation_client::GenerationClient;
 use moe_proto::v1::{GenerateRequest, GenerateResponse, SamplingParameters};

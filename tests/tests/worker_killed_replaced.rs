@@ -1,0 +1,104 @@
+//! Failure rule 2: with one copy of each expert (`--expert-replicas 1`) and workers
+//! discovered through etcd, a worker killed with SIGKILL while greedy requests are
+//! streaming costs a bounded stall, not a request: its lease expires, the router
+//! re-places its experts on the survivor (placement version 2), and every request
+//! completes with the same tokens as offline `moe generate`.
+
+use std::time::{Duration, Instant};
+
+use moe_proto::v1::FinishReason;
+use moe_tests::cluster::{Etcd, Streams};
+use moe_tests::{
+    assert_same_tokens, generate_offline, metric_sum, metric_value, metrics, path_str,
+    streamed_tokens, tiny_checkpoint, GreedyReq, Proc,
+};
+
+const MAX_TOKENS: u32 = 300;
+/// Lease TTL of the workers: the membership notices the death within about this.
+const TTL_SECS: &str = "2";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_experts_are_replaced_and_no_request_is_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_checkpoint(dir.path(), 93);
+    let reqs: Vec<GreedyReq> = (0..4u32)
+        .map(|r| {
+            let ids = (0..6 + 5 * r)
+                .map(|j| (5 + 23 * j + 37 * r) % 500 + 2)
+                .collect();
+            GreedyReq::ids(ids, MAX_TOKENS).with_logprobs(1)
+        })
+        .collect();
+    let want = generate_offline(&model, &reqs);
+
+    let etcd = Etcd::start();
+    let endpoint = etcd.endpoint();
+    let member = [
+        "--etcd",
+        &endpoint,
+        "--cluster",
+        "t4",
+        "--lease-ttl-secs",
+        TTL_SECS,
+    ];
+    let workers: Vec<Proc> = (0..2)
+        .map(|_| Proc::worker(&model, "cpu:0", &member))
+        .collect();
+    let router = Proc::start(&[
+        "router",
+        "--model",
+        path_str(&model),
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--etcd",
+        &endpoint,
+        "--cluster",
+        "t4",
+        "--min-workers",
+        "2",
+        "--expert-replicas",
+        "1",
+    ]);
+    let text = metrics(router.http);
+    assert_eq!(
+        metric_value(&text, "moe_placement_version"),
+        Some(1.0),
+        "{text}"
+    );
+
+    let mut streams = Streams::start(router.grpc, &reqs, Duration::from_secs(120));
+    streams.wait_all_started().await;
+    let killed_at = Instant::now();
+    workers[0].signal("KILL");
+    let got = streams.finish().await;
+    let stall = killed_at.elapsed();
+
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        let msgs = g.unwrap_or_else(|s| panic!("request {i} failed: {s:?}"));
+        let last = msgs.last().expect("a final message");
+        assert_eq!(
+            last.finish_reason,
+            FinishReason::Length as i32,
+            "request {i}"
+        );
+        let toks = streamed_tokens(&msgs);
+        assert_eq!(toks.len(), MAX_TOKENS as usize, "request {i}");
+        assert_same_tokens(&format!("request {i}"), w, &toks, 1e-5);
+    }
+    // The lease TTL, planning and loading, well within the dispatch bound (4 × 10 s).
+    assert!(stall < Duration::from_secs(30), "stalled {stall:?}");
+
+    let text = metrics(router.http);
+    let version = metric_value(&text, "moe_placement_version").unwrap_or(0.0);
+    assert!(version >= 2.0, "the placement was not replaced:\n{text}");
+    assert!(
+        metric_sum(&text, "moe_dispatch_retries_total") > 0.0,
+        "no dispatch was retried (did the kill land mid-stream?):\n{text}"
+    );
+    eprintln!("requests finished {stall:?} after the kill; placement version {version}");
+    drop(router);
+    drop(workers);
+    drop(etcd);
+}
