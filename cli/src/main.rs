@@ -4,6 +4,7 @@
 mod bench_engine;
 mod bench_serve;
 mod checkpoint_cmd;
+mod cluster_cmd;
 mod generate_cmd;
 mod serve_cmd;
 mod signals;
@@ -40,6 +41,11 @@ enum Command {
     Router(serve_cmd::ServeArgs),
     /// A worker: hosts expert shards on its devices, one actor per device.
     Worker(worker_cmd::WorkerArgs),
+    /// Cluster inspection.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster_cmd::ClusterCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -66,6 +72,7 @@ fn main() {
     let result = match cli.command {
         Command::Checkpoint { command } => checkpoint_cmd::run(command),
         Command::Generate(args) => generate_cmd::run(args),
+        Command::Cluster { command } => cluster_cmd::run(command),
         Command::Serve(args) => serve_cmd::run(args, serve_cmd::Mode::Standalone),
         Command::Router(args) => serve_cmd::run(args, serve_cmd::Mode::Router),
         Command::Worker(args) => worker_cmd::run(args),

@@ -151,6 +151,8 @@ pub struct RemoteBackend {
     calls: std::sync::atomic::AtomicU64,
     /// Workers whose dispatch failed, and until when later calls skip them.
     down_until: Mutex<HashMap<usize, Instant>>,
+    /// The placement the routes follow (for `moe cluster status`).
+    placement: RwLock<PlacementPlan>,
 }
 
 /// One worker's share of a MoE layer.
@@ -189,6 +191,7 @@ impl RemoteBackend {
             metrics,
             calls: Default::default(),
             down_until: Mutex::new(HashMap::new()),
+            placement: RwLock::new(PlacementPlan::default()),
         }
     }
 
@@ -284,7 +287,15 @@ impl RemoteBackend {
         if let Ok(mut r) = self.routes.write() {
             *r = routes;
         }
+        if let Ok(mut p) = self.placement.write() {
+            *p = plan.clone();
+        }
         self.metrics.placement_version.set(plan.version as i64);
+    }
+
+    /// The placement the routes follow.
+    pub fn placement(&self) -> PlacementPlan {
+        self.placement.read().map(|p| p.clone()).unwrap_or_default()
     }
 
     /// Splits the request among workers; `avoid` lists workers that failed this call.

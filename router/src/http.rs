@@ -31,6 +31,8 @@ pub struct HttpState {
     pub extra_registries: Vec<prometheus::Registry>,
     /// False once shutdown begins.
     pub serving: Arc<AtomicBool>,
+    /// The placement in force.
+    pub placement: crate::cluster_status::PlacementSource,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -38,6 +40,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/v1/models", get(models))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/completions", post(completions))
         .with_state(state)
 }
@@ -57,6 +60,14 @@ async fn health(State(s): State<HttpState>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
     }
+}
+
+async fn cluster(State(s): State<HttpState>) -> Json<Value> {
+    Json(crate::cluster_status::status(
+        &(s.placement)(),
+        &s.api.spec,
+        &s.api.metrics,
+    ))
 }
 
 async fn models(State(s): State<HttpState>) -> Json<Value> {

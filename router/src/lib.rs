@@ -9,8 +9,10 @@
 //! - [`elastic`]: workers from the etcd membership, placement that follows it.
 //! - [`serve`]: wiring it all up, placement at start, graceful shutdown.
 //! - [`metrics`]: Prometheus names and the registry.
+//! - [`cluster_status`]: placement and per-expert load for operators (`/v1/cluster`).
 
 pub mod backend;
+pub mod cluster_status;
 pub mod elastic;
 pub mod error;
 pub mod grpc;

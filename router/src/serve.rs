@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{DispatchConfig, LocalBackend, RemoteBackend};
+use crate::cluster_status::PlacementSource;
 use crate::elastic::{self, EtcdMembership};
 use crate::grpc::Api;
 use crate::http::{router, HttpState};
@@ -180,7 +181,8 @@ pub async fn run_router(
     };
     let metrics = RouterMetrics::new();
     let mut extra_registries = Vec::new();
-    let backend: Arc<dyn ExpertBackend> = match &cfg.experts {
+    let (backend, placement_source): (Arc<dyn ExpertBackend>, PlacementSource) = match &cfg.experts
+    {
         ExpertSource::Local { devices } => {
             let node = moe_worker::Node::start(moe_worker::NodeConfig {
                 model_dir: cfg.model_dir.clone(),
@@ -219,14 +221,19 @@ pub async fn run_router(
             node.load(1, assignments).await?;
             metrics.placement_version.set(1);
             extra_registries.push(node.metrics().registry().clone());
-            Arc::new(LocalBackend::new(
+            let backend = Arc::new(LocalBackend::new(
                 node,
                 tokio::runtime::Handle::current(),
                 cfg.dispatch.clone(),
                 metrics.clone(),
-            ))
+            ));
+            (backend, Arc::new(move || placement.clone()))
         }
-        ExpertSource::Remote { .. } => Arc::new(place_remote(&cfg, &spec, &metrics).await?),
+        ExpertSource::Remote { .. } => {
+            let backend = Arc::new(place_remote(&cfg, &spec, &metrics).await?);
+            let view = backend.clone();
+            (backend, Arc::new(move || view.placement()))
+        }
         ExpertSource::Etcd(source) => {
             let backend = Arc::new(
                 RemoteBackend::new(
@@ -247,7 +254,8 @@ pub async fn run_router(
                 shutdown.child_token(),
             )
             .await?;
-            backend
+            let view = backend.clone();
+            (backend, Arc::new(move || view.placement()))
         }
     };
     let model = Arc::new(model);
@@ -288,6 +296,7 @@ pub async fn run_router(
         api,
         extra_registries,
         serving: serving.clone(),
+        placement: placement_source,
     });
     let http =
         axum::serve(http_listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());

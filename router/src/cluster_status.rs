@@ -1,0 +1,78 @@
+//! The cluster as an operator sees it (`GET /v1/cluster`, `moe cluster status`): the
+//! placement in force (which device of which worker hosts which experts), and the load:
+//! tokens routed to each expert since start, and each device's share of them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use moe_control::PlacementPlan;
+use moe_model::ModelSpec;
+use serde_json::{json, Value};
+
+use crate::metrics::RouterMetrics;
+
+/// Reads the placement in force.
+pub type PlacementSource = Arc<dyn Fn() -> PlacementPlan + Send + Sync>;
+
+/// The status document.
+pub fn status(plan: &PlacementPlan, spec: &ModelSpec, metrics: &RouterMetrics) -> Value {
+    // Tokens per expert, read from the per-expert counters.
+    let mut tokens: BTreeMap<(usize, u32), u64> = BTreeMap::new();
+    for layer in spec.moe_layers() {
+        let l = layer.to_string();
+        for e in 0..spec.moe.num_experts as u32 {
+            let n = metrics
+                .expert_tokens
+                .with_label_values(&[l.as_str(), e.to_string().as_str()])
+                .get();
+            tokens.insert((layer, e), n);
+        }
+    }
+    let copies = |k: &(usize, u32)| {
+        plan.assignments
+            .values()
+            .filter(|s| s.contains(k))
+            .count()
+            .max(1) as u64
+    };
+    let devices: Vec<Value> = plan
+        .assignments
+        .iter()
+        .map(|(slot, experts)| {
+            // Rows of an expert are spread over its copies.
+            let load: u64 = experts
+                .iter()
+                .map(|k| tokens.get(k).copied().unwrap_or(0) / copies(k))
+                .sum();
+            json!({
+                "worker": slot.worker,
+                "device": slot.device,
+                "experts": experts.iter().map(|(l, e)| json!([l, e])).collect::<Vec<_>>(),
+                "tokens": load,
+            })
+        })
+        .collect();
+    let loads: Vec<f64> = devices
+        .iter()
+        .filter_map(|d| d["tokens"].as_u64())
+        .map(|v| v as f64)
+        .collect();
+    let mean = if loads.is_empty() {
+        0.0
+    } else {
+        loads.iter().sum::<f64>() / loads.len() as f64
+    };
+    let max = loads.iter().copied().fold(0.0, f64::max);
+    let missing: Vec<Value> = tokens
+        .keys()
+        .filter(|k| plan.hosts(**k).is_empty())
+        .map(|(l, e)| json!([l, e]))
+        .collect();
+    json!({
+        "placement_version": plan.version,
+        "devices": devices,
+        "missing_experts": missing,
+        "device_load_max_over_mean": if mean > 0.0 { max / mean } else { 0.0 },
+        "experts": tokens.iter().map(|((l, e), n)| json!({"layer": l, "expert": e, "tokens": n, "copies": plan.hosts((*l, *e)).len()})).collect::<Vec<_>>(),
+    })
+}
