@@ -72,6 +72,10 @@ pub struct ServeArgs {
     /// Retries of a failed expert dispatch.
     #[arg(long, env = "MOE_DISPATCH_RETRIES", default_value_t = 3)]
     dispatch_retries: u32,
+    /// How long a worker whose dispatch failed is skipped while another copy of its
+    /// experts exists, in milliseconds.
+    #[arg(long, env = "MOE_MARK_DOWN_MS", default_value_t = 5_000)]
+    mark_down_ms: u64,
     /// How long workers may take to appear and load experts, in seconds.
     #[arg(long, env = "MOE_STARTUP_TIMEOUT_SECS", default_value_t = 120)]
     startup_timeout_secs: u64,
@@ -192,7 +196,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
             deadline: Duration::from_millis(a.dispatch_timeout_ms.max(1)),
             max_retries: a.dispatch_retries,
             retry_backoff: Duration::from_millis(50),
-            mark_down_for: Duration::from_secs(5),
+            mark_down_for: Duration::from_millis(a.mark_down_ms),
         },
         replicas: a.expert_replicas,
         startup_timeout: Duration::from_secs(a.startup_timeout_secs),

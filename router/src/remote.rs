@@ -125,14 +125,17 @@ impl WorkerClient {
         mut req: DispatchRequest,
         deadline: Duration,
     ) -> Result<DispatchResponse, ExpertError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        req.request_id = id;
+        // The stream this call registered with, so a timed-out call can withdraw.
+        let mut registered: Option<Pending> = None;
         let work = async {
             let stream = self.open_stream().await?;
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            req.request_id = id;
             let (tx, rx) = oneshot::channel();
             if let Ok(mut p) = stream.pending.lock() {
                 p.insert(id, tx);
             }
+            registered = Some(stream.pending.clone());
             if stream.tx.send(req).await.is_err() {
                 stream.alive.store(false, Ordering::Release);
                 return Err(unavailable(&self.addr, "the dispatch stream is closed"));
@@ -141,12 +144,22 @@ impl WorkerClient {
                 unavailable(&self.addr, "the dispatch stream broke before the response")
             })
         };
-        match tokio::time::timeout(deadline, work).await {
+        let result = tokio::time::timeout(deadline, work).await;
+        match result {
             Ok(r) => r,
-            Err(_) => Err(unavailable(
-                &self.addr,
-                format!("no response within {} ms", deadline.as_millis()),
-            )),
+            Err(_) => {
+                // A silent worker may never answer: forget the call instead of keeping
+                // its entry until the stream breaks.
+                if let Some(p) = registered {
+                    if let Ok(mut p) = p.lock() {
+                        p.remove(&id);
+                    }
+                }
+                Err(unavailable(
+                    &self.addr,
+                    format!("no response within {} ms", deadline.as_millis()),
+                ))
+            }
         }
     }
 

@@ -1,0 +1,124 @@
+//! Failure rule 3 (static membership, replicas = 2): a worker frozen with SIGSTOP stops
+//! answering without closing its sockets. The dispatch deadline marks it down long before
+//! any lease could expire, its rows go to the other copy, and every in-flight request
+//! completes with the same tokens as offline `moe generate` — each exactly once. After
+//! SIGCONT and the mark-down window, the worker gets dispatches again (it rejoined) and
+//! answers correctly.
+
+use std::time::Duration;
+
+use moe_proto::v1::FinishReason;
+use moe_tests::cluster::Streams;
+use moe_tests::{
+    assert_same_tokens, generate_offline, metric_value, metrics, streamed_tokens, tiny_checkpoint,
+    wait_until, GreedyReq, Proc,
+};
+
+const MAX_TOKENS: u32 = 200;
+
+fn check(
+    want: &[Vec<moe_tests::Tok>],
+    got: Vec<Result<Vec<moe_proto::v1::GenerateResponse>, tonic::Status>>,
+    what: &str,
+) {
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        let msgs = g.unwrap_or_else(|s| panic!("{what}: request {i} failed: {s:?}"));
+        let last = msgs.last().expect("a final message");
+        assert_eq!(
+            last.finish_reason,
+            FinishReason::Length as i32,
+            "{what}: request {i}"
+        );
+        let toks = streamed_tokens(&msgs);
+        assert_eq!(
+            toks.len(),
+            MAX_TOKENS as usize,
+            "{what}: request {i}: no token lost or repeated"
+        );
+        assert_same_tokens(&format!("{what}: request {i}"), w, &toks, 1e-5);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_is_routed_around_and_rejoins_after_sigcont() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_checkpoint(dir.path(), 57);
+    let reqs: Vec<GreedyReq> = (0..4u32)
+        .map(|r| {
+            GreedyReq::ids(
+                (0..6 + 3 * r)
+                    .map(|j| (5 + 13 * j + 29 * r) % 480 + 3)
+                    .collect(),
+                MAX_TOKENS,
+            )
+            .with_logprobs(1)
+        })
+        .collect();
+    let want = generate_offline(&model, &reqs);
+
+    let workers: Vec<Proc> = (0..3).map(|_| Proc::worker(&model, "cpu:0", &[])).collect();
+    let refs: Vec<&Proc> = workers.iter().collect();
+    let router = Proc::router(
+        &model,
+        &refs,
+        &[
+            "--expert-replicas",
+            "2",
+            "--dispatch-timeout-ms",
+            "300",
+            "--mark-down-ms",
+            "1000",
+        ],
+    );
+    let frozen = workers[1].grpc.to_string();
+    let dispatches = |text: &str| {
+        metric_value(
+            text,
+            &format!("moe_dispatch_seconds_count{{worker=\"{frozen}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+
+    let mut streams = Streams::start(router.grpc, &reqs, Duration::from_secs(120));
+    streams.wait_all_started().await;
+    workers[1].signal("STOP");
+    check(&want, streams.finish().await, "while frozen");
+    let text = metrics(router.http);
+    let marked = metric_value(
+        &text,
+        &format!("moe_worker_marked_down_total{{worker=\"{frozen}\"}}"),
+    )
+    .unwrap_or(0.0);
+    assert!(
+        marked > 0.0,
+        "the frozen worker was never marked down:\n{text}"
+    );
+
+    workers[1].signal("CONT");
+    let before = dispatches(&metrics(router.http));
+    let ok_series = "moe_worker_dispatch_requests_total{outcome=\"ok\"}";
+    let ok_before = metric_value(&metrics(workers[1].http), ok_series).unwrap_or(0.0);
+    // Traffic until the resumed worker is used again (after its mark-down window).
+    let mut rounds = 0;
+    let rejoined = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = Streams::start(router.grpc, &reqs, Duration::from_secs(120));
+            check(&want, s.finish().await, "after SIGCONT");
+            rounds += 1;
+            if dispatches(&metrics(router.http)) > before + 1.0
+                || std::time::Instant::now() > deadline
+            {
+                break dispatches(&metrics(router.http)) > before + 1.0;
+            }
+        }
+    };
+    assert!(
+        rejoined,
+        "the resumed worker got no dispatch in {rounds} rounds"
+    );
+    assert!(wait_until(Duration::from_secs(5), || metrics(
+        workers[1].http
+    )
+    .contains("moe_worker_dispatch_requests_total")));
+}
