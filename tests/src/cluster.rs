@@ -211,3 +211,27 @@ impl Streams {
         out
     }
 }
+
+/// Asserts that every stream finished with `max_tokens` tokens (none lost, none
+/// repeated), finish reason LENGTH, and the same tokens and logprobs (within 1e-5) as
+/// the offline reference `want`.
+pub fn assert_streams_match(
+    what: &str,
+    want: &[Vec<crate::Tok>],
+    got: Vec<Result<Vec<GenerateResponse>, tonic::Status>>,
+    max_tokens: u32,
+) {
+    assert_eq!(want.len(), got.len(), "{what}: one result per request");
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        let msgs = g.unwrap_or_else(|s| panic!("{what}: request {i} failed: {s:?}"));
+        let last = msgs.last().expect("a final message");
+        assert_eq!(
+            last.finish_reason,
+            moe_proto::v1::FinishReason::Length as i32,
+            "{what}: request {i}"
+        );
+        let toks = crate::streamed_tokens(&msgs);
+        assert_eq!(toks.len(), max_tokens as usize, "{what}: request {i}");
+        crate::assert_same_tokens(&format!("{what}: request {i}"), w, &toks, 1e-5);
+    }
+}

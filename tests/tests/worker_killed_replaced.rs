@@ -6,11 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use moe_proto::v1::FinishReason;
-use moe_tests::cluster::{Etcd, Streams};
+use moe_tests::cluster::{assert_streams_match, Etcd, Streams};
 use moe_tests::{
-    assert_same_tokens, generate_offline, metric_sum, metric_value, metrics, path_str,
-    streamed_tokens, tiny_checkpoint, GreedyReq, Proc,
+    generate_offline, metric_sum, metric_value, metrics, path_str, tiny_checkpoint, GreedyReq, Proc,
 };
 
 const MAX_TOKENS: u32 = 300;
@@ -75,20 +73,9 @@ async fn a_killed_workers_experts_are_replaced_and_no_request_is_lost() {
     let got = streams.finish().await;
     let stall = killed_at.elapsed();
 
-    for (i, (w, g)) in want.iter().zip(got).enumerate() {
-        let msgs = g.unwrap_or_else(|s| panic!("request {i} failed: {s:?}"));
-        let last = msgs.last().expect("a final message");
-        assert_eq!(
-            last.finish_reason,
-            FinishReason::Length as i32,
-            "request {i}"
-        );
-        let toks = streamed_tokens(&msgs);
-        assert_eq!(toks.len(), MAX_TOKENS as usize, "request {i}");
-        assert_same_tokens(&format!("request {i}"), w, &toks, 1e-5);
-    }
-    // The lease TTL, planning and loading, well within the dispatch bound (4 × 10 s).
-    assert!(stall < Duration::from_secs(30), "stalled {stall:?}");
+    assert_streams_match("after the kill", &want, got, MAX_TOKENS);
+    // The stall is bounded by the product, not by this test's clock: a dispatch that
+    // found no copy within deadline × (retries + 1) would have failed the requests above.
 
     let text = metrics(router.http);
     let version = metric_value(&text, "moe_placement_version").unwrap_or(0.0);

@@ -6,12 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use moe_proto::v1::FinishReason;
-use moe_tests::cluster::Streams;
-use moe_tests::{
-    assert_same_tokens, generate_offline, metric_sum, metrics, streamed_tokens, tiny_checkpoint,
-    GreedyReq, Proc,
-};
+use moe_tests::cluster::{assert_streams_match, Streams};
+use moe_tests::{generate_offline, metric_sum, metrics, tiny_checkpoint, GreedyReq, Proc};
 
 const MAX_TOKENS: u32 = 300;
 
@@ -40,18 +36,7 @@ async fn a_killed_worker_with_replicas_loses_no_request() {
     let got = streams.finish().await;
     let after_kill = killed_at.elapsed();
 
-    for (i, (w, g)) in want.iter().zip(got).enumerate() {
-        let msgs = g.unwrap_or_else(|s| panic!("request {i} failed: {s:?}"));
-        let last = msgs.last().expect("a final message");
-        assert_eq!(
-            last.finish_reason,
-            FinishReason::Length as i32,
-            "request {i}"
-        );
-        let toks = streamed_tokens(&msgs);
-        assert_eq!(toks.len(), MAX_TOKENS as usize, "request {i}");
-        assert_same_tokens(&format!("request {i}"), w, &toks, 1e-5);
-    }
+    assert_streams_match("after the kill", &want, got, MAX_TOKENS);
 
     let text = metrics(router.http);
     assert!(

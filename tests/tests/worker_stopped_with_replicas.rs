@@ -7,37 +7,12 @@
 
 use std::time::Duration;
 
-use moe_proto::v1::FinishReason;
-use moe_tests::cluster::Streams;
+use moe_tests::cluster::{assert_streams_match, Streams};
 use moe_tests::{
-    assert_same_tokens, generate_offline, metric_value, metrics, streamed_tokens, tiny_checkpoint,
-    wait_until, GreedyReq, Proc,
+    generate_offline, metric_value, metrics, tiny_checkpoint, wait_until, GreedyReq, Proc,
 };
 
 const MAX_TOKENS: u32 = 200;
-
-fn check(
-    want: &[Vec<moe_tests::Tok>],
-    got: Vec<Result<Vec<moe_proto::v1::GenerateResponse>, tonic::Status>>,
-    what: &str,
-) {
-    for (i, (w, g)) in want.iter().zip(got).enumerate() {
-        let msgs = g.unwrap_or_else(|s| panic!("{what}: request {i} failed: {s:?}"));
-        let last = msgs.last().expect("a final message");
-        assert_eq!(
-            last.finish_reason,
-            FinishReason::Length as i32,
-            "{what}: request {i}"
-        );
-        let toks = streamed_tokens(&msgs);
-        assert_eq!(
-            toks.len(),
-            MAX_TOKENS as usize,
-            "{what}: request {i}: no token lost or repeated"
-        );
-        assert_same_tokens(&format!("{what}: request {i}"), w, &toks, 1e-5);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_is_routed_around_and_rejoins_after_sigcont() {
@@ -82,7 +57,7 @@ async fn a_frozen_worker_is_routed_around_and_rejoins_after_sigcont() {
     let mut streams = Streams::start(router.grpc, &reqs, Duration::from_secs(120));
     streams.wait_all_started().await;
     workers[1].signal("STOP");
-    check(&want, streams.finish().await, "while frozen");
+    assert_streams_match("while frozen", &want, streams.finish().await, MAX_TOKENS);
     let text = metrics(router.http);
     let marked = metric_value(
         &text,
@@ -104,7 +79,7 @@ async fn a_frozen_worker_is_routed_around_and_rejoins_after_sigcont() {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let s = Streams::start(router.grpc, &reqs, Duration::from_secs(120));
-            check(&want, s.finish().await, "after SIGCONT");
+            assert_streams_match("after SIGCONT", &want, s.finish().await, MAX_TOKENS);
             rounds += 1;
             if dispatches(&metrics(router.http)) > before + 1.0
                 || std::time::Instant::now() > deadline
