@@ -71,6 +71,59 @@ fn experts_summary(list: &[Value]) -> String {
         .join("  ")
 }
 
+/// The etcd side: controller, routers, workers, a placement being loaded.
+fn print_membership(m: &Value) {
+    println!(
+        "cluster {} | controller {} | this router {} ({}) | etcd {}",
+        m["cluster"].as_str().unwrap_or("?"),
+        m["controller"].as_str().unwrap_or("none"),
+        m["router_id"].as_str().unwrap_or("?"),
+        if m["this_router_is_controller"].as_bool() == Some(true) {
+            "controller"
+        } else {
+            "follower"
+        },
+        if m["etcd_connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "DISCONNECTED (serving on the last membership seen)"
+        },
+    );
+    for r in m["routers"].as_array().into_iter().flatten() {
+        println!(
+            "  router {:<28} {:<22} routes by placement {}",
+            r["id"].as_str().unwrap_or("?"),
+            r["address"].as_str().unwrap_or("?"),
+            r["placement_version"]
+        );
+    }
+    for w in m["workers"].as_array().into_iter().flatten() {
+        let state = match (w["routed"].as_bool(), w["draining"].as_bool()) {
+            (_, Some(true)) => "draining",
+            (Some(true), _) => "ready",
+            _ => "joining (not routed yet)",
+        };
+        println!(
+            "  worker {:<28} {:<22} {}",
+            w["id"].as_str().unwrap_or("?"),
+            w["address"].as_str().unwrap_or("?"),
+            state
+        );
+    }
+    if let Some(l) = m.get("loading").filter(|l| l.is_object()) {
+        let n: usize = l["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| d["experts"].as_array().map_or(0, Vec::len))
+            .sum();
+        println!(
+            "  loading placement {} ({n} expert copies), not routed to until ready",
+            l["version"]
+        );
+    }
+}
+
 pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     let ClusterCommand::Status(a) = cmd;
     let body = get(&a.router, "/v1/cluster")?;
@@ -80,6 +133,9 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("placement version {}", v["placement_version"]);
+    if let Some(m) = v.get("membership").filter(|m| m.is_object()) {
+        print_membership(m);
+    }
     let missing = v["missing_experts"].as_array().map(Vec::len).unwrap_or(0);
     if missing > 0 {
         println!(

@@ -48,6 +48,22 @@ pub struct ServeArgs {
     /// With `--etcd`: registered workers to wait for before the first placement.
     #[arg(long, env = "MOE_MIN_WORKERS", default_value_t = 1)]
     min_workers: usize,
+    /// With `--etcd`: this router's id in the controller election and under
+    /// `/moe/<cluster>/routers/` (default: `router-<grpc address>`).
+    #[arg(long, env = "MOE_ROUTER_ID")]
+    router_id: Option<String>,
+    /// With `--etcd`: TTL of this router's leases in seconds (controller candidacy,
+    /// presence, load report). A dead controller is replaced within about this.
+    #[arg(long, env = "MOE_LEASE_TTL_SECS", default_value_t = 10)]
+    lease_ttl_secs: u64,
+    /// With `--etcd`: every this many seconds the controller re-plans from the expert
+    /// load the routers observed, giving hot experts extra copies (0: never).
+    #[arg(long, env = "MOE_REBALANCE_INTERVAL_SECS", default_value_t = 0)]
+    rebalance_interval_secs: u64,
+    /// With `--rebalance-interval-secs`: extra copies, beyond `--expert-replicas`, the
+    /// controller may give the hottest experts (device capacities still apply).
+    #[arg(long, env = "MOE_HOT_COPIES", default_value_t = 8)]
+    hot_copies: usize,
     /// Weight precision on CPU.
     #[arg(long, env = "MOE_DTYPE", default_value = "f32")]
     dtype: WeightDtype,
@@ -158,10 +174,16 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
                 "--workers and --etcd exclude each other: workers come from one or the other"
             );
             anyhow::ensure!(a.min_workers > 0, "--min-workers must be at least 1");
+            anyhow::ensure!(a.lease_ttl_secs > 0, "--lease-ttl-secs must be positive");
             ExpertSource::Etcd(EtcdMembership {
                 endpoints: a.etcd.clone(),
                 cluster: a.cluster.clone(),
                 min_workers: a.min_workers,
+                router_id: a.router_id.clone(),
+                lease_ttl: Duration::from_secs(a.lease_ttl_secs),
+                rebalance_interval: (a.rebalance_interval_secs > 0)
+                    .then(|| Duration::from_secs(a.rebalance_interval_secs)),
+                hot_copies: a.hot_copies,
             })
         }
         Mode::Router => {

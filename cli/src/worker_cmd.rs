@@ -63,6 +63,14 @@ pub struct WorkerArgs {
     /// dies leaves the membership this long after.
     #[arg(long, env = "MOE_LEASE_TTL_SECS", default_value_t = 10)]
     lease_ttl_secs: u64,
+    /// With `--etcd`, on SIGTERM: how long to wait for the controller to place this
+    /// worker's experts elsewhere (it keeps serving meanwhile) before draining and exiting.
+    #[arg(long, env = "MOE_LEAVE_TIMEOUT_SECS", default_value_t = 60)]
+    leave_timeout_secs: u64,
+    /// Memory each device may give to expert weights, in MiB, announced to the placement
+    /// controller (0: unlimited). Hot-expert copies fill what the base placement leaves.
+    #[arg(long, env = "MOE_CAPACITY_MIB", default_value_t = 0)]
+    capacity_mib: u64,
     /// Test hook: the device actor that performs the Nth compute panics once.
     #[arg(long, env = "MOE_TEST_PANIC_AT_COMPUTE", hide = true)]
     test_panic_at_compute: Option<u64>,
@@ -83,6 +91,60 @@ fn worker_id_from(advertise: &str) -> String {
         }
     }
     id.trim_end_matches('-').to_owned()
+}
+
+/// Leaving on SIGTERM with a cluster: marks this worker draining in its record, so the
+/// placement controller places its experts elsewhere, has the routers switch, then
+/// unloads them here; waits (at most `timeout`) until this worker hosts nothing, still
+/// serving dispatches meanwhile.
+async fn leave_cluster(
+    reg: &moe_control::Registration,
+    record: &WorkerRecord,
+    node: &Node,
+    timeout: Duration,
+) {
+    let hosted = |n: &Node| -> usize { n.info().devices.iter().map(|d| d.experts.len()).sum() };
+    if hosted(node) == 0 {
+        return;
+    }
+    let draining = WorkerRecord {
+        draining: true,
+        ..record.clone()
+    };
+    if let Err(e) = reg.update(&draining) {
+        tracing::warn!(error = %e, "could not mark this worker draining; leaving without handing over");
+        return;
+    }
+    tracing::info!(
+        experts = hosted(node),
+        timeout_secs = timeout.as_secs(),
+        "marked draining: waiting for the controller to move this worker's experts"
+    );
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = hosted(node);
+        if n == 0 {
+            tracing::info!("experts handed over: leaving");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                experts = n,
+                "experts not handed over within --leave-timeout-secs; leaving anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A number that differs between two starts of the same worker: the start time in
+/// nanoseconds mixed with the process id.
+fn incarnation() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 48)
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -157,26 +219,22 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
                 .into_iter()
                 .map(|name| DeviceRecord {
                     name,
-                    capacity_bytes: 0,
+                    capacity_bytes: args.capacity_mib.saturating_mul(1 << 20),
                 })
                 .collect(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            draining: false,
+            incarnation: incarnation(),
         };
         let ttl = Duration::from_secs(args.lease_ttl_secs);
         let reg = EtcdRegistry::new(config)
-            .register(record, ttl)
+            .register(record.clone(), ttl)
             .context("registering in etcd")?;
         tracing::info!(etcd = ?args.etcd, cluster = %args.cluster, ttl_secs = args.lease_ttl_secs, "registering in the cluster membership");
-        Some(reg)
+        Some((reg, record))
     };
 
     let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        crate::signals::wait_for_termination().await;
-        tracing::info!("termination signal received: draining");
-        token.cancel();
-    });
 
     {
         let mut out = std::io::stdout().lock();
@@ -187,19 +245,40 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         out.flush()?;
     }
 
-    let served = serve_worker_with(
+    let mut server = tokio::spawn(serve_worker_with(
         node.clone(),
         grpc_listener,
         http_listener,
-        shutdown,
+        shutdown.clone(),
         WorkerServeConfig {
             drain_timeout,
             ..WorkerServeConfig::default()
         },
-    )
-    .await;
-    if let Some(reg) = registration {
-        // Drained: leave the membership at once rather than after the lease TTL.
+    ));
+    let ended_early = tokio::select! {
+        _ = crate::signals::wait_for_termination() => None,
+        r = &mut server => Some(r),
+    };
+    if ended_early.is_none() {
+        tracing::info!("termination signal received: draining");
+        if let Some((reg, record)) = &registration {
+            leave_cluster(
+                reg,
+                record,
+                &node,
+                Duration::from_secs(args.leave_timeout_secs),
+            )
+            .await;
+        }
+    }
+    shutdown.cancel();
+    let served = match ended_early {
+        Some(r) => r,
+        None => server.await,
+    }
+    .context("the worker server task")
+    .and_then(|r| r);
+    if let Some((reg, _)) = registration {
         match tokio::time::timeout(Duration::from_secs(5), reg.revoke()).await {
             Ok(Ok(())) => tracing::info!("left the cluster membership"),
             Ok(Err(e)) => {

@@ -7,17 +7,20 @@
 //! [`RegistrationState::Reregistered`]). The record is re-put on every reconnection,
 //! which also restores it if someone deleted the key by hand.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
 use etcd_client::{GetOptions, PutOptions};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::ControlError;
 use crate::etcd::{deadline, Backoff, EtcdConfig};
 use crate::etcd_mirror::{spawn_mirror, Entries, KeyRange};
+use crate::keys::check_name;
 use crate::lease::{KeepAlive, LeaseSlot, SessionEnd};
 use crate::live_view::LiveView;
 use crate::membership::{
@@ -67,16 +70,23 @@ impl EtcdRegistry {
     }
 }
 
-impl Registry for EtcdRegistry {
-    fn register(&self, record: WorkerRecord, ttl: Duration) -> Result<Registration, ControlError> {
-        record.validate()?;
-        let value = serde_json::to_vec(&record)
-            .map_err(|e| ControlError::invalid("worker record", e.to_string()))?;
+impl EtcdRegistry {
+    /// Keeps `value` at `key` under a lease of `ttl` (kept alive at TTL/2, re-granted
+    /// after expiry, re-put on reconnection), as a worker's record is kept; `id` names
+    /// the registration.
+    fn announce(
+        &self,
+        id: String,
+        key: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Registration, ControlError> {
         let (state_tx, state_rx) = watch::channel(RegistrationState::Registering);
+        let (value_tx, value_rx) = watch::channel(value);
         let keeper = Keeper {
-            key: self.config.keys.worker(&record.worker_id),
+            key,
             config: self.config.clone(),
-            value,
+            value: value_rx,
             lease: LeaseSlot::new(ttl)?,
             announced: None,
             registrations: 0,
@@ -86,12 +96,85 @@ impl Registry for EtcdRegistry {
         let stop = CancellationToken::new();
         let guard = stop.clone().drop_guard();
         tokio::spawn(keeper.run(stop, revoke_rx));
-        Ok(Registration::new(
-            record.worker_id,
-            state_rx,
-            revoke_tx,
-            guard,
-        ))
+        Ok(Registration::new(id, state_rx, revoke_tx, value_tx, guard))
+    }
+
+    /// Announces a router at `/moe/<cluster>/routers/<id>` under a lease of `ttl`; the
+    /// controller reads which placement version every router routes by from these.
+    pub fn register_router(
+        &self,
+        record: &RouterRecord,
+        ttl: Duration,
+    ) -> Result<RouterPresence, ControlError> {
+        check_name("router_id", &record.router_id)?;
+        let value = serde_json::to_vec(record)
+            .map_err(|e| ControlError::invalid("router record", e.to_string()))?;
+        let key = self.config.keys.router(&record.router_id);
+        Ok(RouterPresence {
+            record: record.clone(),
+            registration: self.announce(record.router_id.clone(), key, value, ttl)?,
+        })
+    }
+
+    /// The live routers: router id → record.
+    pub fn watch_routers(&self) -> LiveView<BTreeMap<String, RouterRecord>> {
+        let range = KeyRange::Prefix(self.config.keys.routers_prefix());
+        spawn_mirror(self.config.clone(), range, |entries: &Entries| {
+            entries
+                .iter()
+                .filter_map(|(id, e)| {
+                    serde_json::from_slice::<RouterRecord>(&e.value)
+                        .ok()
+                        .map(|r| (id.clone(), r))
+                })
+                .collect()
+        })
+    }
+}
+
+/// What a router announces: who it is and which placement version it routes by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterRecord {
+    /// Unique id among the cluster's routers.
+    pub router_id: String,
+    /// Its client-facing gRPC address.
+    pub address: String,
+    /// The placement version its routes follow (0: none yet).
+    pub placement_version: u64,
+}
+
+/// A router's presence in etcd; [`set_version`](Self::set_version) reports a switch.
+#[derive(Debug)]
+pub struct RouterPresence {
+    record: RouterRecord,
+    registration: Registration,
+}
+
+impl RouterPresence {
+    /// Reports that the router's routes now follow placement `version`.
+    pub fn set_version(&mut self, version: u64) {
+        if self.record.placement_version == version {
+            return;
+        }
+        self.record.placement_version = version;
+        if let Ok(value) = serde_json::to_vec(&self.record) {
+            self.registration.update_raw(value);
+        }
+    }
+
+    /// Leaves at once (the key goes with the revoked lease).
+    pub async fn revoke(self) -> Result<(), ControlError> {
+        self.registration.revoke().await
+    }
+}
+
+impl Registry for EtcdRegistry {
+    fn register(&self, record: WorkerRecord, ttl: Duration) -> Result<Registration, ControlError> {
+        record.validate()?;
+        let value = serde_json::to_vec(&record)
+            .map_err(|e| ControlError::invalid("worker record", e.to_string()))?;
+        let key = self.config.keys.worker(&record.worker_id);
+        self.announce(record.worker_id, key, value, ttl)
     }
 
     fn watch_workers(&self) -> LiveView<Membership> {
@@ -120,7 +203,8 @@ fn decode_members(entries: &Entries) -> Membership {
 struct Keeper {
     config: EtcdConfig,
     key: String,
-    value: Vec<u8>,
+    /// The value to keep at `key`; a change is put under the same lease.
+    value: watch::Receiver<Vec<u8>>,
     lease: LeaseSlot,
     /// The lease under which the record was last announced as registered.
     announced: Option<i64>,
@@ -201,10 +285,11 @@ impl Keeper {
         let lease = self.lease.acquire(&mut client, timeout).await?;
         let keep_alive = KeepAlive::start(&mut client, lease, self.lease.period(), timeout).await?;
         let put = PutOptions::new().with_lease(lease);
+        let value = self.value.borrow_and_update().clone();
         deadline(
             timeout,
             "put",
-            client.put(self.key.clone(), self.value.clone(), Some(put)),
+            client.put(self.key.clone(), value, Some(put.clone())),
         )
         .await?;
         // Registered from here on: count it before anything else can fail.
@@ -226,6 +311,26 @@ impl Keeper {
             info!(key = %self.key, lease, "etcd reachable again; registration kept alive");
         }
         backoff.reset();
-        Err(keep_alive.run().await)
+        let keep_alive = keep_alive.run();
+        tokio::pin!(keep_alive);
+        loop {
+            tokio::select! {
+                end = &mut keep_alive => return Err(end),
+                changed = self.value.changed() => {
+                    if changed.is_err() {
+                        // The handle is gone; `stop` ends this task soon.
+                        return Err((&mut keep_alive).await);
+                    }
+                    let value = self.value.borrow_and_update().clone();
+                    deadline(
+                        timeout,
+                        "put",
+                        client.put(self.key.clone(), value, Some(put.clone())),
+                    )
+                    .await?;
+                    debug!(key = %self.key, "record updated");
+                }
+            }
+        }
     }
 }

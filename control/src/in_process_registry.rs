@@ -103,21 +103,33 @@ impl Registry for InProcessRegistry {
         let guard = stop.clone().drop_guard();
         let inner = self.inner.clone();
         let task_id = id.clone();
+        let (value_tx, mut value_rx) = watch::channel(Vec::new());
         tokio::spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => {
-                    // Dropped without revoking: expire as a crashed worker's lease would.
-                    tokio::time::sleep(ttl).await;
-                    inner.remove_if_owner(&task_id, owner);
-                }
-                Some(reply) = revoke_rx.recv() => {
-                    inner.remove_if_owner(&task_id, owner);
-                    state_tx.send_replace(RegistrationState::Revoked);
-                    let _ = reply.send(Ok(()));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        // Dropped without revoking: expire as a crashed worker's lease would.
+                        tokio::time::sleep(ttl).await;
+                        inner.remove_if_owner(&task_id, owner);
+                        return;
+                    }
+                    Some(reply) = revoke_rx.recv() => {
+                        inner.remove_if_owner(&task_id, owner);
+                        state_tx.send_replace(RegistrationState::Revoked);
+                        let _ = reply.send(Ok(()));
+                        return;
+                    }
+                    Ok(()) = value_rx.changed() => {
+                        let value = value_rx.borrow_and_update().clone();
+                        match serde_json::from_slice::<WorkerRecord>(&value) {
+                            Ok(r) => inner.insert(owner, r),
+                            Err(e) => tracing::warn!(worker = %task_id, error = %e, "ignoring an undecodable record update"),
+                        }
+                    }
                 }
             }
         });
-        Ok(Registration::new(id, state_rx, revoke_tx, guard))
+        Ok(Registration::new(id, state_rx, revoke_tx, value_tx, guard))
     }
 
     fn watch_workers(&self) -> LiveView<Membership> {

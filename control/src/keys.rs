@@ -1,9 +1,11 @@
 //! The etcd key layout of one cluster (DESIGN.md §4), in one place.
 //!
 //! Everything lives under `/moe/<cluster>/`: `workers/<id>` (membership, leased),
-//! `placement` (the versioned placement), `ready/<worker>` (the placement version a
-//! worker has loaded) and `controller` (the election of the placement controller; etcd's
-//! election API keeps its candidates under `controller/<lease id in hex>`).
+//! `placement` (the versioned placement), `routers/<id>` (each router and the placement
+//! version it routes by, leased), `ready/<worker>` (the placement version a
+//! worker has loaded), `load/<router>` (a router's routed-token counts per expert over
+//! its last window, leased) and `controller` (the election of the placement controller;
+//! etcd's election API keeps its candidates under `controller/<lease id in hex>`).
 
 use crate::error::ControlError;
 
@@ -45,6 +47,26 @@ impl ClusterKeys {
     /// `/moe/<cluster>/ready/<worker>`.
     pub fn ready(&self, worker: &str) -> String {
         format!("{}{worker}", self.ready_prefix())
+    }
+
+    /// `/moe/<cluster>/routers/`: the routers' presence prefix.
+    pub fn routers_prefix(&self) -> String {
+        format!("{}routers/", self.root)
+    }
+
+    /// `/moe/<cluster>/routers/<id>`: a router and the placement version it routes by.
+    pub fn router(&self, id: &str) -> String {
+        format!("{}{id}", self.routers_prefix())
+    }
+
+    /// `/moe/<cluster>/load/`: the prefix of the routers' load reports.
+    pub fn load_prefix(&self) -> String {
+        format!("{}load/", self.root)
+    }
+
+    /// `/moe/<cluster>/load/<router>`.
+    pub fn load(&self, router: &str) -> String {
+        format!("{}{router}", self.load_prefix())
     }
 
     /// `/moe/<cluster>/controller`: the election name of the placement controller.
@@ -89,7 +111,10 @@ mod tests {
         assert_eq!(k.workers_prefix(), "/moe/prod-1/workers/");
         assert_eq!(k.placement(), "/moe/prod-1/placement");
         assert_eq!(k.ready("w0"), "/moe/prod-1/ready/w0");
+        assert_eq!(k.load_prefix(), "/moe/prod-1/load/");
+        assert_eq!(k.load("r0"), "/moe/prod-1/load/r0");
         assert_eq!(k.controller(), "/moe/prod-1/controller");
+        assert_eq!(k.router("r0"), "/moe/prod-1/routers/r0");
         assert_eq!(k.controller_candidates(), "/moe/prod-1/controller/");
     }
 

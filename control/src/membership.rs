@@ -39,6 +39,14 @@ pub struct WorkerRecord {
     pub devices: Vec<DeviceRecord>,
     /// The worker's software version.
     pub version: String,
+    /// Set when the worker was told to leave (SIGTERM): the controller places its experts
+    /// elsewhere, unloads them, and the worker exits once it hosts nothing.
+    #[serde(default)]
+    pub draining: bool,
+    /// Distinguishes restarts of the same worker id at the same address: a new process
+    /// has a new incarnation, so the controller loads it before anyone routes to it.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 impl WorkerRecord {
@@ -99,6 +107,8 @@ pub struct Registration {
     worker_id: String,
     state: watch::Receiver<RegistrationState>,
     revoke: mpsc::Sender<RevokeReply>,
+    /// The value to announce; a change is written under the same lease.
+    value: watch::Sender<Vec<u8>>,
     _stop: DropGuard,
 }
 
@@ -107,14 +117,38 @@ impl Registration {
         worker_id: String,
         state: watch::Receiver<RegistrationState>,
         revoke: mpsc::Sender<RevokeReply>,
+        value: watch::Sender<Vec<u8>>,
         stop: DropGuard,
     ) -> Self {
         Self {
             worker_id,
             state,
             revoke,
+            value,
             _stop: stop,
         }
+    }
+
+    /// Replaces the announced record (same id, same lease), e.g. to mark the worker
+    /// draining. Returns at once; the write happens on the registration's task, now if
+    /// connected or on reconnection.
+    pub fn update(&self, record: &WorkerRecord) -> Result<(), ControlError> {
+        record.validate()?;
+        if record.worker_id != self.worker_id {
+            return Err(ControlError::invalid(
+                "worker_id",
+                format!("cannot change {} to {}", self.worker_id, record.worker_id),
+            ));
+        }
+        let value = serde_json::to_vec(record)
+            .map_err(|e| ControlError::invalid("worker record", e.to_string()))?;
+        self.update_raw(value);
+        Ok(())
+    }
+
+    /// Replaces the announced value as is.
+    pub(crate) fn update_raw(&self, value: Vec<u8>) {
+        self.value.send_replace(value);
     }
 
     /// The registered worker's id.
@@ -189,6 +223,8 @@ pub(crate) mod tests {
                 capacity_bytes: 1 << 30,
             }],
             version: "0.1.0".into(),
+            draining: false,
+            incarnation: 1,
         }
     }
 

@@ -64,6 +64,21 @@ fn count_expert_tokens(m: &RouterMetrics, req: &MoeRequest<'_>) {
     }
 }
 
+/// Why a dispatch is retried, for `moe_dispatch_retries_total{reason}`: `deadline` (no
+/// answer in time: a hung or cut-off worker), `worker_error` (it answered with an
+/// error, e.g. an expert it no longer hosts), `unavailable` (no connection, stream
+/// broke).
+fn retry_reason(e: &ExpertError) -> &'static str {
+    let m = e.to_string();
+    if m.contains("no response within") {
+        "deadline"
+    } else if m.contains("(code ") {
+        "worker_error"
+    } else {
+        "unavailable"
+    }
+}
+
 /// Experts held by device actors of this process.
 pub struct LocalBackend {
     node: moe_worker::Node,
@@ -257,6 +272,11 @@ impl RemoteBackend {
         }
     }
 
+    /// Whether worker `i` is marked down now (a dispatch to it failed recently).
+    pub fn is_marked_down(&self, i: usize) -> bool {
+        self.down_now().contains(&i)
+    }
+
     /// Workers marked down now.
     fn down_now(&self) -> Vec<usize> {
         let now = Instant::now();
@@ -284,6 +304,23 @@ impl RemoteBackend {
                 }
             }
         }
+        if let Ok(old) = self.routes.read() {
+            // An expert that lost every copy shows 0, not a vanished series.
+            for (layer, expert) in old.keys().filter(|k| !routes.contains_key(k)) {
+                self.metrics
+                    .expert_copies
+                    .with_label_values(&[layer.to_string().as_str(), expert.to_string().as_str()])
+                    .set(0);
+            }
+        }
+        for ((layer, expert), hosts) in &routes {
+            self.metrics
+                .expert_copies
+                .with_label_values(&[layer.to_string().as_str(), expert.to_string().as_str()])
+                .set(hosts.len() as i64);
+        }
+        let live: BTreeSet<usize> = worker_index.values().copied().collect();
+        self.metrics.live_workers.set(live.len() as i64);
         if let Ok(mut r) = self.routes.write() {
             *r = routes;
         }
@@ -479,7 +516,7 @@ impl RemoteBackend {
                 tracing::warn!(worker = %addr, error = %e, attempt, "dispatch failed; retrying");
                 self.metrics
                     .dispatch_retries
-                    .with_label_values(&[addr.as_str(), "unavailable"])
+                    .with_label_values(&[addr.as_str(), retry_reason(e)])
                     .inc();
                 avoid.push(part.worker);
                 self.mark_down(part.worker);

@@ -1,35 +1,48 @@
-//! Elastic membership for a router started with `--etcd` (one router; no election
-//! yet): the workers come from the cluster's membership in etcd instead of a static
-//! list, and the placement follows it.
+//! Elastic membership and placement for routers started with `--etcd`.
 //!
-//! At start the router waits for `--min-workers` registered workers, plans over their
-//! devices, loads and routes (placement version 1). Then, on every membership change:
-//! a departed worker (lease expired or revoked, or re-registered at a new address) is
-//! dropped from the routes at once; a new plan is made over the workers left and any
-//! that joined, with the plan in force as `previous` (least movement); every worker is
-//! told what to host and, once all have loaded, the routes switch to the new plan and
-//! the placement version goes up. A failed load, or a registered worker that does not
-//! answer `Info` yet, is tried again a second later (one serving a model of another
-//! hidden size is left out). While an
-//! expert has no copy, dispatch waits for one (see
-//! [`RemoteBackend::with_wait_for_copies`]).
+//! Every such router runs two tasks:
+//!
+//! - **Follow** (every router): mirrors the membership (`workers/`) and the published
+//!   placement (`placement`) and routes by them. A worker in the placement is routed to
+//!   only while its registration (id, address and incarnation) is the one the placement
+//!   was loaded on; one that left (lease expired or revoked, restarted) is dropped from
+//!   the routes at once, before any new placement. The router reports the placement
+//!   version it routes by under `routers/<id>` (leased).
+//! - **Control** (only while elected, etcd's election API on `controller`): when the
+//!   live workers differ from the placement's, or a rebalance is due, plans a new
+//!   placement (pure planner, least movement from the published one), has every worker
+//!   load its new copies (`LoadExperts`, which returns once they are ready), then
+//!   publishes the placement with a transaction fenced by its leadership
+//!   ([`PlacementStore::put_placement`]). Routers switch on publication, so a copy is
+//!   routed to only once ready. Once every live router reports the new version, copies
+//!   no longer assigned are unloaded; a draining worker (SIGTERM) is thereby emptied and
+//!   exits.
+//!
+//! Serving never waits for etcd: both tasks keep the last membership and placement seen
+//! while etcd is away, and dispatch routes around failed workers on its own.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
 use moe_control::{
-    plan, DeviceSlot, EtcdConfig, EtcdRegistry, Membership, PlacementPlan, PlanInput, Registry,
+    plan, watch_leader, watch_load, ControlError, DeviceSlot, Election, EtcdClient, EtcdConfig,
+    EtcdRegistry, ExpertLoadReport, FencingToken, Leadership, LoadReporter, Membership,
+    PlacementPlan, PlacementStore, PlanInput, Registry, RouterPresence, RouterRecord,
+    StoredPlacement,
 };
 use moe_model::{LocalExperts, ModelSpec};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::RemoteBackend;
+use crate::metrics::RouterMetrics;
 use crate::remote::WorkerClient;
 
-/// Where the membership lives and how many workers to wait for.
+/// Where the membership lives and how this router takes part.
 #[derive(Debug, Clone)]
 pub struct EtcdMembership {
     /// etcd client URLs.
@@ -38,193 +51,946 @@ pub struct EtcdMembership {
     pub cluster: String,
     /// Registered workers to wait for before the first placement.
     pub min_workers: usize,
+    /// This router's id in the election and under `routers/` (default: from its
+    /// address).
+    pub router_id: Option<String>,
+    /// TTL of this router's leases (election candidacy, presence, load report).
+    pub lease_ttl: Duration,
+    /// How often the controller re-plans from the observed expert load (None: never).
+    pub rebalance_interval: Option<Duration>,
+    /// Extra copies, beyond `--expert-replicas`, the controller may give hot experts.
+    pub hot_copies: usize,
 }
 
-/// How long to wait before planning again after a failed change.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The placement document under `/moe/<cluster>/placement` (its `placement` field).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementDoc {
+    /// The controller that wrote it, and its fencing token's revision.
+    pub controller: String,
+    pub token: i64,
+    /// The workers it was loaded on: id → where, and which incarnation.
+    pub workers: BTreeMap<String, DocWorker>,
+    /// Which device hosts which `(layer, expert)`.
+    pub devices: Vec<DocDevice>,
+}
 
-/// Follows the membership: the workers known, the plan in force.
-struct Controller {
+/// A worker of a placement.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DocWorker {
+    pub address: String,
+    pub incarnation: u64,
+}
+
+/// A device of a placement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocDevice {
+    pub worker: String,
+    pub device: String,
+    pub capacity_bytes: u64,
+    pub experts: Vec<(usize, u32)>,
+}
+
+impl PlacementDoc {
+    fn to_plan(&self, version: u64) -> PlacementPlan {
+        PlacementPlan {
+            version,
+            assignments: self
+                .devices
+                .iter()
+                .map(|d| {
+                    (
+                        DeviceSlot {
+                            worker: d.worker.clone(),
+                            device: d.device.clone(),
+                            capacity_bytes: d.capacity_bytes,
+                        },
+                        d.experts.iter().copied().collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn from_plan(
+        plan: &PlacementPlan,
+        workers: BTreeMap<String, DocWorker>,
+        controller: &str,
+        token: i64,
+    ) -> Self {
+        Self {
+            controller: controller.to_owned(),
+            token,
+            workers,
+            devices: plan
+                .assignments
+                .iter()
+                .map(|(slot, set)| DocDevice {
+                    worker: slot.worker.clone(),
+                    device: slot.device.clone(),
+                    capacity_bytes: slot.capacity_bytes,
+                    experts: set.iter().copied().collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The same workers and assignments (whoever wrote them).
+    fn same_layout(&self, other: &PlacementDoc) -> bool {
+        self.workers == other.workers && self.devices == other.devices
+    }
+
+    /// Experts assigned to `worker`, per device.
+    fn assigned(&self, worker: &str) -> BTreeMap<String, BTreeSet<(usize, u32)>> {
+        self.devices
+            .iter()
+            .filter(|d| d.worker == worker)
+            .map(|d| (d.device.clone(), d.experts.iter().copied().collect()))
+            .collect()
+    }
+}
+
+/// Decodes a stored placement written by a controller.
+fn decode(stored: &StoredPlacement) -> Option<PlacementDoc> {
+    match serde_json::from_value(stored.placement.clone()) {
+        Ok(doc) => Some(doc),
+        Err(e) => {
+            tracing::error!(version = stored.version, error = %e, "undecodable placement in etcd; ignoring it");
+            None
+        }
+    }
+}
+
+/// What this router knows of the cluster, for `GET /v1/cluster` and `moe cluster status`.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    inner: Mutex<ViewState>,
+}
+
+#[derive(Debug, Default)]
+struct ViewState {
+    cluster: String,
+    router_id: String,
+    leading: bool,
+    controller: Option<String>,
+    etcd_connected: bool,
+    members: Membership,
+    routed: BTreeSet<String>,
+    routers: BTreeMap<String, RouterRecord>,
+    /// A placement the controller is loading and has not published yet.
+    loading: Option<(u64, PlacementDoc)>,
+}
+
+impl ClusterView {
+    fn update(&self, f: impl FnOnce(&mut ViewState)) {
+        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// The view as JSON: membership (each worker, draining or not, routed to or not),
+    /// the controller, the routers and the placement version each routes by, and a
+    /// placement being loaded, if any.
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        serde_json::json!({
+            "cluster": s.cluster,
+            "router_id": s.router_id,
+            "this_router_is_controller": s.leading,
+            "controller": s.controller,
+            "etcd_connected": s.etcd_connected,
+            "workers": s.members.values().map(|r| serde_json::json!({
+                "id": r.worker_id,
+                "address": r.address,
+                "devices": r.devices.iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+                "draining": r.draining,
+                "routed": s.routed.contains(&r.worker_id),
+            })).collect::<Vec<_>>(),
+            "routers": s.routers.values().map(|r| serde_json::json!({
+                "id": r.router_id,
+                "address": r.address,
+                "placement_version": r.placement_version,
+            })).collect::<Vec<_>>(),
+            "loading": s.loading.as_ref().map(|(v, d)| serde_json::json!({
+                "version": v,
+                "devices": d.devices,
+            })),
+        })
+    }
+}
+
+/// The routers' summed per-expert load of the last window.
+type LoadView = moe_control::LiveView<BTreeMap<(usize, u32), u64>>;
+
+/// How long to wait before trying a failed step again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// After every router switched to a placement, how long before old copies are dropped
+/// (dispatches split by the old routes may still be in flight).
+const UNLOAD_GRACE: Duration = Duration::from_secs(1);
+/// Deadline of the `Info` call before dropping copies (a clean-up: not worth waiting).
+const UNLOAD_INFO_DEADLINE: Duration = Duration::from_millis(500);
+/// Deadline of `Info` calls to workers.
+const INFO_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The worker clients of this router: one per (id, address, incarnation).
+struct Clients {
     backend: Arc<RemoteBackend>,
+    known: Mutex<HashMap<(String, String, u64), usize>>,
+}
+
+impl Clients {
+    /// The backend index of the client for this registration, created on first use.
+    fn index(&self, id: &str, w: &DocWorker) -> Option<usize> {
+        let key = (id.to_owned(), w.address.clone(), w.incarnation);
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = known.get(&key) {
+            return Some(*i);
+        }
+        match WorkerClient::new(&w.address, Duration::from_secs(2)) {
+            Ok(c) => {
+                let i = self.backend.add_worker(Arc::new(c));
+                known.insert(key, i);
+                Some(i)
+            }
+            Err(e) => {
+                tracing::error!(worker = %id, address = %w.address, error = %e, "cannot reach worker at its address");
+                None
+            }
+        }
+    }
+
+    fn client(&self, id: &str, w: &DocWorker) -> Option<Arc<WorkerClient>> {
+        self.index(id, w).and_then(|i| self.backend.worker(i))
+    }
+}
+
+/// The registration of a member, as the placement records it.
+fn doc_worker(rec: &moe_control::WorkerRecord) -> DocWorker {
+    DocWorker {
+        address: rec.address.clone(),
+        incarnation: rec.incarnation,
+    }
+}
+
+/// Routes by the published placement and the membership; reports the version routed by.
+async fn follow(
+    view: Arc<ClusterView>,
+    clients: Arc<Clients>,
+    mut members_rx: watch::Receiver<Membership>,
+    mut placement_rx: watch::Receiver<Option<StoredPlacement>>,
+    mut presence: RouterPresence,
+    shutdown: CancellationToken,
+) {
+    let mut applied: Option<(u64, HashMap<String, usize>)> = None;
+    loop {
+        let members = members_rx.borrow_and_update().clone();
+        let stored = placement_rx.borrow_and_update().clone();
+        view.update(|v| v.members = members.clone());
+        if let Some((stored, doc)) = stored.as_ref().and_then(|s| Some((s, decode(s)?))) {
+            let mut index = HashMap::new();
+            for (id, w) in &doc.workers {
+                let registered = members.get(id).is_some_and(|r| doc_worker(r) == *w);
+                if !registered {
+                    continue;
+                }
+                if let Some(i) = clients.index(id, w) {
+                    index.insert(id.clone(), i);
+                }
+            }
+            let now = (stored.version, index);
+            if applied.as_ref() != Some(&now) {
+                let gone: Vec<&String> = doc
+                    .workers
+                    .keys()
+                    .filter(|id| !now.1.contains_key(*id))
+                    .collect();
+                if !gone.is_empty() {
+                    tracing::warn!(workers = ?gone, version = stored.version, "workers left the membership: routing around them");
+                }
+                let plan = doc.to_plan(stored.version);
+                clients.backend.set_routes(&plan, &now.1);
+                if applied.as_ref().is_none_or(|(v, _)| *v != stored.version) {
+                    tracing::info!(version = stored.version, controller = %doc.controller, workers = now.1.len(), "routing by placement");
+                }
+                presence.set_version(stored.version);
+                view.update(|v| v.routed = now.1.keys().cloned().collect());
+                applied = Some(now);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = members_rx.changed() => if r.is_err() { break },
+            r = placement_rx.changed() => if r.is_err() { break },
+        }
+    }
+    match tokio::time::timeout(Duration::from_secs(2), presence.revoke()).await {
+        Ok(Ok(())) => tracing::info!("left the routers' presence"),
+        _ => tracing::warn!("leaving the routers' presence failed; it expires by TTL"),
+    }
+}
+
+/// The placement controller's state (acts only while elected).
+struct Controller {
+    view: Arc<ClusterView>,
+    clients: Arc<Clients>,
+    store: PlacementStore,
+    metrics: RouterMetrics,
+    id: String,
     experts: Vec<(usize, u32)>,
     expert_bytes: u64,
-    /// The model's hidden size, which every worker must share.
     hidden: usize,
     replicas: usize,
+    hot_copies: usize,
+    min_workers: usize,
     load_timeout: Duration,
-    /// Worker id → (advertised address, index in the backend).
-    workers: BTreeMap<String, (String, usize)>,
-    plan: PlacementPlan,
-    /// The plan in force does not match the workers known (a change failed midway).
-    dirty: bool,
-    /// A registered worker did not answer `Info`: it is asked again a second later.
-    unanswered: bool,
+    /// Whether a registration serves this model (false: another hidden size).
+    compatible: HashMap<(String, DocWorker), bool>,
+    /// Expert load the plans use (the last rebalance's window), if any.
+    load: Option<BTreeMap<(usize, u32), u64>>,
+    /// Set by a rebalance tick: plan even if the workers did not change.
+    rebalance_due: bool,
+    /// A just-elected controller checks that every worker holds its copies.
+    reconcile: bool,
+    /// The last placement this controller published (the watch may lag behind it).
+    published: Option<(u64, PlacementDoc)>,
+    /// A placement whose superseded copies are still to be dropped, and since when
+    /// every router routes by it.
+    unload: Option<(u64, Option<Instant>)>,
 }
 
 impl Controller {
-    /// Worker id → backend index, of the workers known.
-    fn index(&self) -> HashMap<String, usize> {
-        self.workers
-            .iter()
-            .map(|(id, (_, i))| (id.clone(), *i))
-            .collect()
-    }
-
-    /// Brings workers, plan and routes in line with `members`.
-    async fn apply(&mut self, members: &Membership) -> anyhow::Result<()> {
-        let departed: Vec<String> = self
-            .workers
-            .iter()
-            .filter(|(id, (addr, _))| members.get(*id).is_none_or(|r| &r.address != addr))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &departed {
-            self.workers.remove(id);
-        }
-        if !departed.is_empty() {
-            tracing::warn!(workers = ?departed, "workers left the membership: routing around them");
-            self.backend.set_routes(&self.plan, &self.index());
-            self.dirty = true;
-        }
-        self.unanswered = false;
+    /// The members that take part in the next placement: registered, not draining,
+    /// answering and serving this model. Also reports whether one did not answer.
+    async fn live(&mut self, members: &Membership) -> (BTreeMap<String, DocWorker>, bool) {
+        let mut live = BTreeMap::new();
+        let mut unanswered = false;
         for (id, rec) in members {
-            if self.workers.contains_key(id) {
+            if rec.draining {
                 continue;
             }
-            let client = WorkerClient::new(&rec.address, Duration::from_secs(2))
-                .with_context(|| format!("worker {id}"))?;
-            // Only a worker that answers and serves this model takes part.
-            match client.info(Duration::from_secs(2)).await {
-                Ok(info) if info.hidden_size as usize == self.hidden => {}
-                Ok(info) => {
-                    tracing::error!(worker = %id, hidden = info.hidden_size, want = self.hidden, "worker serves another model; leaving it out");
-                    continue;
+            let w = doc_worker(rec);
+            let key = (id.clone(), w.clone());
+            let ok = match self.compatible.get(&key) {
+                Some(ok) => *ok,
+                None => {
+                    let Some(client) = self.clients.client(id, &w) else {
+                        continue;
+                    };
+                    match client.info(INFO_DEADLINE).await {
+                        Ok(info) => {
+                            let ok = info.hidden_size as usize == self.hidden;
+                            if !ok {
+                                tracing::error!(worker = %id, hidden = info.hidden_size, want = self.hidden, "worker serves another model; leaving it out");
+                            }
+                            self.compatible.insert(key, ok);
+                            ok
+                        }
+                        Err(e) => {
+                            tracing::warn!(worker = %id, error = %e, "registered worker does not answer yet");
+                            unanswered = true;
+                            false
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(worker = %id, error = %e, "registered worker does not answer yet");
-                    self.unanswered = true;
-                    continue;
-                }
+            };
+            if ok {
+                live.insert(id.clone(), w);
             }
-            let i = self.backend.add_worker(Arc::new(client));
-            tracing::info!(worker = %id, address = %rec.address, "worker joined the membership");
-            self.workers.insert(id.clone(), (rec.address.clone(), i));
-            self.dirty = true;
         }
-        if !self.dirty {
-            return Ok(());
+        (live, unanswered)
+    }
+
+    /// One pass: re-place if needed, then drop superseded copies once every router
+    /// switched. Returns whether to try again soon (something is pending).
+    async fn round(
+        &mut self,
+        token: &FencingToken,
+        members: &Membership,
+        stored: Option<&StoredPlacement>,
+        routers: &BTreeMap<String, RouterRecord>,
+    ) -> anyhow::Result<bool> {
+        let (live, unanswered) = self.live(members).await;
+        let mut current = stored.and_then(|s| Some((s.version, decode(s)?)));
+        // Our own last write may not have come back through the watch yet.
+        if let Some(p) = &self.published {
+            if current.as_ref().is_none_or(|(v, _)| *v < p.0) {
+                current = Some(p.clone());
+            }
         }
-        let slots: Vec<DeviceSlot> = members
-            .iter()
-            .filter(|(id, _)| self.workers.contains_key(*id))
-            .flat_map(|(id, r)| {
+        let stale = match &current {
+            None => true,
+            Some((_, doc)) => doc.workers != live,
+        };
+        let mut pending = unanswered;
+        if stale || self.rebalance_due || self.reconcile {
+            if current.is_none() && live.len() < self.min_workers {
+                tracing::info!(
+                    live = live.len(),
+                    want = self.min_workers,
+                    "waiting for workers before the first placement"
+                );
+                return Ok(pending);
+            }
+            if live.is_empty() {
+                tracing::warn!("no live worker to place experts on");
+                return Ok(pending);
+            }
+            self.replace(token, members, &live, current.as_ref())
+                .await?;
+            self.rebalance_due = false;
+            self.reconcile = false;
+        }
+        if let (Some((version, _)), Some(s)) = (self.unload, stored) {
+            if s.version > version {
+                // A newer placement superseded the one being cleaned up: clean up after it.
+                self.unload = Some((s.version, None));
+            }
+        }
+        if let Some((version, since)) = self.unload {
+            let behind: Vec<&String> = routers
+                .iter()
+                .filter(|(_, r)| r.placement_version < version)
+                .map(|(id, _)| id)
+                .collect();
+            if !behind.is_empty() {
+                tracing::debug!(routers = ?behind, version, "waiting for routers to switch");
+                self.unload = Some((version, None));
+                return Ok(true);
+            }
+            let since = since.unwrap_or_else(Instant::now);
+            if since.elapsed() < UNLOAD_GRACE {
+                self.unload = Some((version, Some(since)));
+                return Ok(true);
+            }
+            let doc = match &self.published {
+                Some((v, d)) if *v == version => Some(d.clone()),
+                _ => stored.filter(|s| s.version == version).and_then(decode),
+            }
+            .context("the placement changed before its old copies were dropped")?;
+            self.drop_superseded(version, &doc, members).await?;
+            self.unload = None;
+        }
+        pending |= self.unload.is_some();
+        Ok(pending)
+    }
+
+    /// Plans over `live`, loads the new copies and publishes (fenced).
+    async fn replace(
+        &mut self,
+        token: &FencingToken,
+        members: &Membership,
+        live: &BTreeMap<String, DocWorker>,
+        current: Option<&(u64, PlacementDoc)>,
+    ) -> anyhow::Result<()> {
+        let slots: Vec<DeviceSlot> = live
+            .keys()
+            .filter_map(|id| members.get(id))
+            .flat_map(|r| {
                 r.devices.iter().map(move |d| DeviceSlot {
-                    worker: id.clone(),
+                    worker: r.worker_id.clone(),
                     device: d.name.clone(),
                     capacity_bytes: d.capacity_bytes,
                 })
             })
             .collect();
-        let mut previous = self.plan.clone();
-        previous
-            .assignments
-            .retain(|slot, _| self.workers.contains_key(&slot.worker));
-        let mut next = plan(&PlanInput {
+        let mut previous = current.map(|(v, d)| d.to_plan(*v)).unwrap_or_default();
+        previous.assignments.retain(|slot, _| {
+            current.is_some_and(|(_, d)| d.workers.get(&slot.worker) == live.get(&slot.worker))
+        });
+        let next = plan(&PlanInput {
             experts: &self.experts,
             expert_bytes: self.expert_bytes,
             devices: &slots,
             replicas: self.replicas,
             previous: Some(&previous),
+            load: self.load.as_ref(),
+            extra_copies: if self.load.is_some() {
+                self.hot_copies
+            } else {
+                0
+            },
         })
         .context("planning over the live workers")?;
-        next.version = self.plan.version + 1;
-        let loads = self.workers.iter().filter_map(|(id, (_, i))| {
-            let client = self.backend.worker(*i)?;
-            let assignments: Vec<(String, Vec<(usize, u32)>)> = next
-                .assignments
-                .iter()
-                .filter(|(slot, _)| &slot.worker == id)
-                .map(|(slot, set)| (slot.device.clone(), set.iter().copied().collect()))
+        let doc = PlacementDoc::from_plan(&next, live.clone(), &self.id, token.revision);
+        let unchanged = current.is_some_and(|(_, d)| d.same_layout(&doc));
+        let version = current.map_or(1, |(v, _)| if unchanged { *v } else { v + 1 });
+        // Phase 1: every worker loads its copies (already held ones are not read again).
+        if !unchanged {
+            self.view
+                .update(|v| v.loading = Some((version, doc.clone())));
+        }
+        let loads = live.iter().filter_map(|(id, w)| {
+            let client = self.clients.client(id, w)?;
+            let assignments: Vec<(String, Vec<(usize, u32)>)> = doc
+                .assigned(id)
+                .into_iter()
+                .map(|(d, set)| (d, set.into_iter().collect()))
                 .collect();
-            let (version, timeout) = (next.version, self.load_timeout);
-            Some(async move { client.load(version, assignments, timeout).await })
+            let timeout = self.load_timeout;
+            let id = id.clone();
+            Some(async move {
+                client
+                    .load(version, assignments, timeout)
+                    .await
+                    .with_context(|| format!("loading experts on worker {id}"))
+            })
         });
-        for r in futures::future::join_all(loads).await {
-            r.context("loading experts on a worker")?;
+        let loaded = futures::future::join_all(loads).await;
+        self.view.update(|v| v.loading = None);
+        for r in loaded {
+            r?;
         }
-        self.backend.set_routes(&next, &self.index());
-        for (slot, experts) in &next.assignments {
-            tracing::info!(worker = %slot.worker, device = %slot.device, experts = experts.len(), version = next.version, "placement");
+        if unchanged {
+            return Ok(());
         }
-        self.plan = next;
-        self.dirty = false;
+        // Phase 2: publish; routers switch to the loaded copies.
+        match self.store.put_placement(version, &doc, token).await {
+            Ok(_) => {}
+            Err(ControlError::Fenced { .. }) => {
+                anyhow::bail!("no longer the controller: placement {version} not published")
+            }
+            Err(e) => return Err(e).context("publishing the placement"),
+        }
+        self.metrics.placements_published.inc();
+        self.published = Some((version, doc.clone()));
+        for d in &doc.devices {
+            tracing::info!(worker = %d.worker, device = %d.device, experts = d.experts.len(), version, "placement");
+        }
+        tracing::info!(version, workers = live.len(), "published placement");
+        self.unload = Some((version, None));
+        Ok(())
+    }
+
+    /// Drops, on every registered worker, the copies placement `version` does not assign
+    /// it (all of them on a worker left out, e.g. draining).
+    async fn drop_superseded(
+        &mut self,
+        version: u64,
+        doc: &PlacementDoc,
+        members: &Membership,
+    ) -> anyhow::Result<()> {
+        let calls = members.iter().filter_map(|(id, rec)| {
+            let w = doc_worker(rec);
+            if self.compatible.get(&(id.clone(), w.clone())) == Some(&false) {
+                return None;
+            }
+            let i = self.clients.index(id, &w)?;
+            if self.clients.backend.is_marked_down(i) {
+                // Silent lately: its copies are not routed to anyway; no need to wait on it.
+                return None;
+            }
+            let client = self.clients.backend.worker(i)?;
+            let keep = if doc.workers.get(id) == Some(&w) {
+                doc.assigned(id)
+            } else {
+                BTreeMap::new()
+            };
+            let id = id.clone();
+            Some(async move {
+                let info = client.info(UNLOAD_INFO_DEADLINE).await?;
+                let extra: Vec<(String, Vec<(usize, u32)>)> = info
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        let kept = keep.get(&d.name);
+                        let drop: Vec<(usize, u32)> = d
+                            .experts
+                            .iter()
+                            .map(|e| (e.layer as usize, e.expert))
+                            .filter(|e| !kept.is_some_and(|k| k.contains(e)))
+                            .collect();
+                        (d.name.clone(), drop)
+                    })
+                    .filter(|(_, drop)| !drop.is_empty())
+                    .collect();
+                if extra.is_empty() {
+                    return Ok::<_, moe_model::ExpertError>(());
+                }
+                let n: usize = extra.iter().map(|(_, d)| d.len()).sum();
+                client.unload(version, extra, INFO_DEADLINE * 5).await?;
+                tracing::info!(worker = %id, experts = n, version, "dropped superseded copies");
+                Ok(())
+            })
+        });
+        for r in futures::future::join_all(calls).await {
+            if let Err(e) = r {
+                // Harmless: a worker that did not answer keeps unused copies until the
+                // next placement's clean-up.
+                tracing::warn!(error = %e, version, "could not drop superseded copies");
+            }
+        }
         Ok(())
     }
 }
 
-/// Waits for the membership, places and loads the first plan, and spawns the task that
-/// follows the membership until `shutdown`.
+/// Publishes this router's per-expert token counts of the last window, for the
+/// controller's load-aware replication.
+async fn report_load(
+    reporter: LoadReporter,
+    metrics: RouterMetrics,
+    spec: ModelSpec,
+    router: String,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let read = || {
+        let mut counts = BTreeMap::new();
+        for layer in spec.moe_layers() {
+            let l = layer.to_string();
+            for e in 0..spec.moe.num_experts as u32 {
+                let n = metrics
+                    .expert_tokens
+                    .with_label_values(&[l.as_str(), e.to_string().as_str()])
+                    .get();
+                counts.insert((layer, e), n);
+            }
+        }
+        counts
+    };
+    let mut before = read();
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = read();
+        let counts = now
+            .iter()
+            .map(|(k, n)| {
+                (
+                    k.0,
+                    k.1,
+                    n.saturating_sub(before.get(k).copied().unwrap_or(0)),
+                )
+            })
+            .filter(|(_, _, n)| *n > 0)
+            .collect();
+        if let Err(e) = reporter.publish(ExpertLoadReport {
+            router: router.clone(),
+            window_secs: last.elapsed().as_secs_f64(),
+            counts,
+        }) {
+            tracing::warn!(error = %e, "could not publish the expert load report");
+        }
+        before = now;
+        last = Instant::now();
+    }
+}
+
+/// Joins the cluster: starts following membership and placement, campaigns for the
+/// controller, and waits (at most `startup_timeout`) until a placement is routed by.
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     source: &EtcdMembership,
     backend: Arc<RemoteBackend>,
+    metrics: RouterMetrics,
+    view: Arc<ClusterView>,
     spec: &ModelSpec,
     replicas: usize,
     startup_timeout: Duration,
+    grpc_address: String,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let config =
         EtcdConfig::new(source.endpoints.clone(), &source.cluster).context("--etcd/--cluster")?;
-    let view = EtcdRegistry::new(config).watch_workers();
-    let mut rx: watch::Receiver<Membership> = view.subscribe();
-    let min = source.min_workers.max(1);
-    tracing::info!(cluster = %source.cluster, min_workers = min, "waiting for workers to register");
-    let deadline = tokio::time::Instant::now() + startup_timeout;
-    tokio::time::timeout_at(deadline, rx.wait_for(|m| m.len() >= min))
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!("fewer than {min} workers registered within {startup_timeout:?}")
-        })?
-        .map_err(|_| anyhow::anyhow!("the membership watch stopped"))?;
-    let mut ctl = Controller {
-        backend,
+    let router_id = source
+        .router_id
+        .clone()
+        .unwrap_or_else(|| router_id_from(&grpc_address));
+    let registry = EtcdRegistry::new(config.clone());
+    let members = registry.watch_workers();
+    let routers = registry.watch_routers();
+    let store = PlacementStore::new(EtcdClient::new(config.clone()));
+    let placement = store.watch_placement();
+    let presence = registry
+        .register_router(
+            &RouterRecord {
+                router_id: router_id.clone(),
+                address: grpc_address,
+                placement_version: 0,
+            },
+            source.lease_ttl,
+        )
+        .context("--router-id")?;
+    let election = Election::campaign(config.clone(), &router_id, source.lease_ttl)
+        .context("joining the controller election")?;
+    tracing::info!(cluster = %source.cluster, router = %router_id, min_workers = source.min_workers, "joined the cluster: following membership and placement, campaigning for controller");
+
+    let clients = Arc::new(Clients {
+        backend: backend.clone(),
+        known: Mutex::new(HashMap::new()),
+    });
+    view.update(|v| {
+        v.cluster = source.cluster.clone();
+        v.router_id = router_id.clone();
+    });
+    tokio::spawn(follow(
+        view.clone(),
+        clients.clone(),
+        members.subscribe(),
+        placement.subscribe(),
+        presence,
+        shutdown.clone(),
+    ));
+
+    // etcd connection state and leader changes, for the dashboards.
+    {
+        let metrics = metrics.clone();
+        let view = view.clone();
+        let mut conn = members.connection();
+        let leader = watch_leader(config.clone());
+        let mut leader_rx = leader.subscribe();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _leader = leader;
+            let mut last: Option<i64> = None;
+            loop {
+                let connected =
+                    *conn.borrow_and_update() == moe_control::ConnectionState::Connected;
+                metrics.etcd_connected.set(i64::from(connected));
+                let leader = leader_rx.borrow_and_update().clone();
+                view.update(|v| {
+                    v.etcd_connected = connected;
+                    v.controller = leader.as_ref().map(|l| l.candidate.clone());
+                });
+                let now = leader.as_ref().map(|l| l.token.revision);
+                if now.is_some() && now != last {
+                    metrics.leader_changes.inc();
+                    last = now;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = conn.changed() => if r.is_err() { return },
+                    r = leader_rx.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
+
+    let rebalance = match source.rebalance_interval {
+        Some(every) => {
+            let reporter = LoadReporter::start(config.clone(), &router_id, source.lease_ttl)
+                .context("starting the load reporter")?;
+            tokio::spawn(report_load(
+                reporter,
+                metrics.clone(),
+                spec.clone(),
+                router_id.clone(),
+                every,
+                shutdown.clone(),
+            ));
+            Some((every, watch_load(&config)))
+        }
+        None => None,
+    };
+
+    let ctl = Controller {
+        view,
+        clients,
+        store,
+        metrics: metrics.clone(),
+        id: router_id,
         experts: LocalExperts::all_of(spec),
         expert_bytes: spec.expert_bytes_f32() as u64,
         hidden: spec.hidden_size,
         replicas,
+        hot_copies: source.hot_copies,
+        min_workers: source.min_workers.max(1),
         load_timeout: startup_timeout,
-        workers: BTreeMap::new(),
-        plan: PlacementPlan::default(),
-        dirty: true,
-        unanswered: false,
+        compatible: HashMap::new(),
+        load: None,
+        rebalance_due: false,
+        reconcile: true,
+        published: None,
+        unload: None,
     };
+    tokio::spawn(control(
+        ctl, election, members, placement, routers, rebalance, shutdown,
+    ));
+
+    // Serve once a placement is routed by.
+    let deadline = Instant::now() + startup_timeout;
+    while backend.placement().version == 0 {
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "no placement within {startup_timeout:?}: are at least {} workers registered in cluster {:?}, and a controller elected? (see the log)",
+                source.min_workers.max(1),
+                source.cluster
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// The controller loop: one [`Controller::round`] after every change seen while leading.
+async fn control(
+    mut ctl: Controller,
+    election: Election,
+    members: moe_control::LiveView<Membership>,
+    placement: moe_control::LiveView<Option<StoredPlacement>>,
+    routers: moe_control::LiveView<BTreeMap<String, RouterRecord>>,
+    rebalance: Option<(Duration, LoadView)>,
+    shutdown: CancellationToken,
+) {
+    let mut leadership = election.leadership();
+    let mut members_rx = members.subscribe();
+    let mut placement_rx = placement.subscribe();
+    let mut routers_rx = routers.subscribe();
+    let every = rebalance.as_ref().map(|(d, _)| *d);
+    let mut next_rebalance = every.map(|d| Instant::now() + d);
+    let mut retry = false;
+    let mut leading = false;
     loop {
-        let members = rx.borrow_and_update().clone();
-        match ctl.apply(&members).await {
-            Ok(()) => break,
-            Err(e) if tokio::time::Instant::now() + RETRY_AFTER < deadline => {
-                tracing::warn!(error = format!("{e:#}"), "first placement failed; retrying");
-                tokio::time::sleep(RETRY_AFTER).await;
+        let token = match &*leadership.borrow_and_update() {
+            Leadership::Leader(t) => Some(t.clone()),
+            Leadership::Follower => None,
+        };
+        match (&token, leading) {
+            (Some(t), false) => {
+                tracing::info!(token = %t, "this router is the placement controller");
+                ctl.metrics.controller_leader.set(1);
+                ctl.view.update(|v| v.leading = true);
+                ctl.reconcile = true;
+                ctl.published = None;
+                ctl.unload = None;
+                leading = true;
             }
-            Err(e) => return Err(e.context("placing experts on the registered workers")),
+            (None, true) => {
+                tracing::warn!("this router is no longer the placement controller");
+                ctl.metrics.controller_leader.set(0);
+                ctl.view.update(|v| v.leading = false);
+                leading = false;
+            }
+            _ => {}
+        }
+        let routers_now = routers_rx.borrow().clone();
+        ctl.view.update(|v| v.routers = routers_now);
+        if let Some(token) = token {
+            let m = members_rx.borrow_and_update().clone();
+            let p = placement_rx.borrow_and_update().clone();
+            let r = routers_rx.borrow_and_update().clone();
+            // A membership change mid-round (a worker died while being loaded) starts
+            // the round over on the new membership instead of waiting on the dead.
+            let outcome = tokio::select! {
+                r = ctl.round(&token, &m, p.as_ref(), &r) => Some(r),
+                _ = members_rx.changed() => None,
+                _ = leadership.changed() => None,
+            };
+            retry = match outcome {
+                Some(Ok(pending)) => pending,
+                Some(Err(e)) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "placement change failed; retrying"
+                    );
+                    true
+                }
+                None => {
+                    tracing::info!("membership or leadership changed mid-change: planning again");
+                    continue;
+                }
+            };
+        }
+        let tick = async {
+            match next_rebalance {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = leadership.changed() => if r.is_err() { break },
+            r = members_rx.changed() => if r.is_err() { break },
+            r = placement_rx.changed() => if r.is_err() { break },
+            r = routers_rx.changed() => if r.is_err() { break },
+            _ = tokio::time::sleep(RETRY_AFTER), if retry && leading => {}
+            _ = tick => {
+                if let (Some((_, view)), Some(d)) = (&rebalance, every) {
+                    let load = view.current();
+                    if leading && load.values().any(|n| *n > 0) {
+                        tracing::info!(experts = load.len(), "rebalancing by observed expert load");
+                        ctl.load = Some(load);
+                        ctl.rebalance_due = true;
+                    }
+                    next_rebalance = Some(Instant::now() + d);
+                }
+            }
         }
     }
-    tokio::spawn(async move {
-        let _view = view;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                changed = rx.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(RETRY_AFTER), if ctl.dirty || ctl.unanswered => {}
-            }
-            let members = rx.borrow_and_update().clone();
-            if let Err(e) = ctl.apply(&members).await {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    version = ctl.plan.version,
-                    "placement change failed; retrying"
-                );
-            }
+    ctl.metrics.controller_leader.set(0);
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(2), election.resign()).await {
+        tracing::warn!(error = %e, "resigning as controller timed out; leadership passes after the TTL");
+    }
+}
+
+/// A router id derived from its address: `router-127.0.0.1-50051`.
+fn router_id_from(address: &str) -> String {
+    let mut id = String::from("router-");
+    for c in address.chars() {
+        let c = if c.is_ascii_alphanumeric() || c == '.' {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && id.ends_with('-')) {
+            id.push(c);
         }
-    });
-    Ok(())
+    }
+    id.trim_end_matches('-').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc() -> PlacementDoc {
+        PlacementDoc {
+            controller: "r0".into(),
+            token: 7,
+            workers: [(
+                "w0".to_owned(),
+                DocWorker {
+                    address: "127.0.0.1:1".into(),
+                    incarnation: 3,
+                },
+            )]
+            .into(),
+            devices: vec![DocDevice {
+                worker: "w0".into(),
+                device: "cpu:0".into(),
+                capacity_bytes: 0,
+                experts: vec![(0, 1), (1, 2)],
+            }],
+        }
+    }
+
+    #[test]
+    fn placement_doc_round_trips_through_a_plan() {
+        let d = doc();
+        let plan = d.to_plan(4);
+        assert_eq!(plan.version, 4);
+        let back = PlacementDoc::from_plan(&plan, d.workers.clone(), "r1", 9);
+        assert!(back.same_layout(&d));
+        assert_ne!(back, d, "the writer differs");
+        assert_eq!(
+            d.assigned("w0")["cpu:0"],
+            [(0, 1), (1, 2)].into_iter().collect()
+        );
+        assert!(d.assigned("w1").is_empty());
+        let json = serde_json::to_value(&d).unwrap();
+        let stored = StoredPlacement {
+            version: 4,
+            placement: json,
+        };
+        assert_eq!(decode(&stored), Some(d));
+        let bad = StoredPlacement {
+            version: 5,
+            placement: serde_json::json!({"nope": 1}),
+        };
+        assert_eq!(decode(&bad), None);
+    }
+
+    #[test]
+    fn router_id_is_derived_from_the_address() {
+        assert_eq!(router_id_from("127.0.0.1:50051"), "router-127.0.0.1-50051");
+    }
 }

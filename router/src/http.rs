@@ -33,6 +33,8 @@ pub struct HttpState {
     pub serving: Arc<AtomicBool>,
     /// The placement in force.
     pub placement: crate::cluster_status::PlacementSource,
+    /// Membership, controller and routers, with `--etcd`.
+    pub cluster: Option<Arc<crate::elastic::ClusterView>>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -63,11 +65,11 @@ async fn health(State(s): State<HttpState>) -> Response {
 }
 
 async fn cluster(State(s): State<HttpState>) -> Json<Value> {
-    Json(crate::cluster_status::status(
-        &(s.placement)(),
-        &s.api.spec,
-        &s.api.metrics,
-    ))
+    let mut v = crate::cluster_status::status(&(s.placement)(), &s.api.spec, &s.api.metrics);
+    if let Some(view) = &s.cluster {
+        v["membership"] = view.to_json();
+    }
+    Json(v)
 }
 
 async fn models(State(s): State<HttpState>) -> Json<Value> {

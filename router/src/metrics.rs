@@ -5,7 +5,7 @@
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub const REQUESTS: &str = "moe_requests_total";
@@ -24,6 +24,12 @@ pub const DISPATCH_RETRIES: &str = "moe_dispatch_retries_total";
 pub const EXPERT_TOKENS: &str = "moe_expert_tokens_total";
 pub const PLACEMENT_VERSION: &str = "moe_placement_version";
 pub const WORKER_MARKED_DOWN: &str = "moe_worker_marked_down_total";
+pub const LIVE_WORKERS: &str = "moe_live_workers";
+pub const EXPERT_COPIES: &str = "moe_expert_copies";
+pub const CONTROLLER_LEADER: &str = "moe_controller_is_leader";
+pub const LEADER_CHANGES: &str = "moe_controller_leader_changes_total";
+pub const ETCD_CONNECTED: &str = "moe_etcd_connected";
+pub const PLACEMENTS_PUBLISHED: &str = "moe_placements_published_total";
 
 /// Latency buckets from 1 ms to ~30 s.
 fn latency_buckets() -> Vec<f64> {
@@ -51,6 +57,12 @@ pub struct RouterMetrics {
     pub expert_tokens: IntCounterVec,
     pub placement_version: IntGauge,
     pub worker_marked_down: IntCounterVec,
+    pub live_workers: IntGauge,
+    pub expert_copies: IntGaugeVec,
+    pub controller_leader: IntGauge,
+    pub leader_changes: IntCounter,
+    pub etcd_connected: IntGauge,
+    pub placements_published: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -106,6 +118,12 @@ impl RouterMetrics {
             expert_tokens: reg(&r, counter_vec(EXPERT_TOKENS, "Tokens routed to each expert (per-expert load).", &["layer", "expert"])),
             placement_version: reg(&r, int_gauge(PLACEMENT_VERSION, "Version of the expert placement in force.")),
             worker_marked_down: reg(&r, counter_vec(WORKER_MARKED_DOWN, "Times a worker was marked down after a failed dispatch (skipped while other copies exist).", &["worker"])),
+            live_workers: reg(&r, int_gauge(LIVE_WORKERS, "Workers routed to: registered (or listed) and answering, not drained away.")),
+            expert_copies: reg(&r, IntGaugeVec::new(Opts::new(EXPERT_COPIES, "Ready copies of each expert the routes use (0: requests needing it wait, then fail UNAVAILABLE)."), &["layer", "expert"]).unwrap_or_else(|_| unreachable_metric(EXPERT_COPIES))),
+            controller_leader: reg(&r, int_gauge(CONTROLLER_LEADER, "1 while this router is the elected placement controller.")),
+            leader_changes: reg(&r, counter(LEADER_CHANGES, "Times this router saw a new placement controller elected (itself or another).")),
+            etcd_connected: reg(&r, int_gauge(ETCD_CONNECTED, "1 while this router's membership watch is connected to etcd (serving continues on the last view when 0).")),
+            placements_published: reg(&r, counter(PLACEMENTS_PUBLISHED, "Placements this router published as controller.")),
             registry: r,
         }
     }

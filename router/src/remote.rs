@@ -13,7 +13,7 @@ use moe_model::ExpertError;
 use moe_proto::v1::expert_service_client::ExpertServiceClient;
 use moe_proto::v1::{
     DeviceAssignment, DispatchRequest, DispatchResponse, ExpertRef, InfoRequest, InfoResponse,
-    LoadExpertsRequest,
+    LoadExpertsRequest, UnloadExpertsRequest,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -175,6 +175,28 @@ impl WorkerClient {
             .map_err(|s| unavailable(&self.addr, format!("Info: {}", s.message())))
     }
 
+    /// Asks the worker to drop experts per device.
+    pub async fn unload(
+        &self,
+        version: u64,
+        assignments: Vec<(String, Vec<(usize, u32)>)>,
+        deadline: Duration,
+    ) -> Result<InfoResponse, ExpertError> {
+        let mut client = ExpertServiceClient::new(self.channel.clone());
+        let mut req = tonic::Request::new(UnloadExpertsRequest {
+            placement_version: version,
+            assignments: to_assignments(assignments),
+        });
+        req.set_timeout(deadline);
+        client
+            .unload_experts(req)
+            .await
+            .map_err(|s| unavailable(&self.addr, format!("UnloadExperts: {}", s.message())))?
+            .into_inner()
+            .info
+            .ok_or_else(|| unavailable(&self.addr, "UnloadExperts returned no info"))
+    }
+
     /// Asks the worker to load experts per device; returns once they are ready.
     pub async fn load(
         &self,
@@ -185,19 +207,7 @@ impl WorkerClient {
         let mut client = ExpertServiceClient::new(self.channel.clone());
         let mut req = tonic::Request::new(LoadExpertsRequest {
             placement_version: version,
-            assignments: assignments
-                .into_iter()
-                .map(|(device, experts)| DeviceAssignment {
-                    device,
-                    experts: experts
-                        .into_iter()
-                        .map(|(l, e)| ExpertRef {
-                            layer: l as u32,
-                            expert: e,
-                        })
-                        .collect(),
-                })
-                .collect(),
+            assignments: to_assignments(assignments),
         });
         req.set_timeout(deadline);
         client
@@ -208,4 +218,20 @@ impl WorkerClient {
             .info
             .ok_or_else(|| unavailable(&self.addr, "LoadExperts returned no info"))
     }
+}
+
+fn to_assignments(assignments: Vec<(String, Vec<(usize, u32)>)>) -> Vec<DeviceAssignment> {
+    assignments
+        .into_iter()
+        .map(|(device, experts)| DeviceAssignment {
+            device,
+            experts: experts
+                .into_iter()
+                .map(|(l, e)| ExpertRef {
+                    layer: l as u32,
+                    expert: e,
+                })
+                .collect(),
+        })
+        .collect()
 }

@@ -117,6 +117,8 @@ async fn place_remote(
         devices: &slots,
         replicas: cfg.replicas,
         previous: None,
+        load: None,
+        extra_copies: 0,
     })?;
     placement.version = 1;
     log_plan(&placement);
@@ -181,6 +183,7 @@ pub async fn run_router(
     };
     let metrics = RouterMetrics::new();
     let mut extra_registries = Vec::new();
+    let mut cluster_view = None;
     let (backend, placement_source): (Arc<dyn ExpertBackend>, PlacementSource) = match &cfg.experts
     {
         ExpertSource::Local { devices } => {
@@ -208,6 +211,8 @@ pub async fn run_router(
                 devices: &slots,
                 replicas: cfg.replicas,
                 previous: None,
+                load: None,
+                extra_copies: 0,
             })?;
             placement.version = 1;
             log_plan(&placement);
@@ -245,12 +250,17 @@ pub async fn run_router(
                 )
                 .with_wait_for_copies(),
             );
+            let view = Arc::new(elastic::ClusterView::default());
+            cluster_view = Some(view.clone());
             elastic::start(
                 source,
                 backend.clone(),
+                metrics.clone(),
+                view,
                 &spec,
                 cfg.replicas,
                 cfg.startup_timeout,
+                bound.grpc.to_string(),
                 shutdown.child_token(),
             )
             .await?;
@@ -297,6 +307,7 @@ pub async fn run_router(
         extra_registries,
         serving: serving.clone(),
         placement: placement_source,
+        cluster: cluster_view,
     });
     let http =
         axum::serve(http_listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());

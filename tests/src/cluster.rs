@@ -30,6 +30,8 @@ pub struct Etcd {
     client_port: u16,
     child: Option<Child>,
     command: String,
+    /// An address clients may use besides 127.0.0.1 ([`Etcd::start_on`]).
+    also_on: Option<String>,
 }
 
 impl Etcd {
@@ -42,6 +44,7 @@ impl Etcd {
                 client_port: free_port(),
                 child: None,
                 command: String::new(),
+                also_on: None,
             };
             match etcd.launch(free_port()) {
                 Ok(()) => return etcd,
@@ -49,6 +52,35 @@ impl Etcd {
             }
         }
         panic!("etcd did not start: {last}");
+    }
+
+    /// Like [`Etcd::start`], but clients may also connect on `ip` (a local address, e.g.
+    /// the host's end of a veth pair into a test namespace): see [`Etcd::endpoint_on`].
+    pub fn start_on(ip: &str) -> Etcd {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let mut etcd = Etcd {
+                dir: tempfile::tempdir().expect("temp dir"),
+                client_port: free_port(),
+                child: None,
+                command: String::new(),
+                also_on: Some(ip.to_owned()),
+            };
+            match etcd.launch(free_port()) {
+                Ok(()) => return etcd,
+                Err(e) => last = format!("{e}\n{}", etcd.log()),
+            }
+        }
+        panic!("etcd did not start on {ip}: {last}");
+    }
+
+    /// `http://IP:<client port>` of [`Etcd::start_on`]`(IP)`.
+    pub fn endpoint_on(&self) -> String {
+        let ip = self
+            .also_on
+            .as_deref()
+            .expect("endpoint_on needs an etcd made by Etcd::start_on");
+        format!("http://{ip}:{}", self.client_port)
     }
 
     /// `http://127.0.0.1:<client port>`.
@@ -67,6 +99,10 @@ impl Etcd {
 
     fn launch(&mut self, peer_port: u16) -> Result<(), String> {
         let client = self.endpoint();
+        let client = match &self.also_on {
+            Some(ip) => format!("{client},http://{ip}:{}", self.client_port),
+            None => client,
+        };
         let peer = format!("http://127.0.0.1:{peer_port}");
         let data = self.dir.path().join("data");
         let args = [
@@ -135,6 +171,93 @@ impl Etcd {
         };
         probe().is_ok_and(|r| r.contains("\"health\":\"true\""))
     }
+}
+
+/// Faults and inspection: etcd killed and brought back on the same ports and data dir,
+/// and what it holds under a key (read over its JSON gateway, so tests need no client).
+impl Etcd {
+    /// Kills etcd with SIGKILL and waits for it to exit; its data dir stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again (killing it first if it runs) on the same client and peer ports
+    /// with the same data dir, and waits, under launch's deadline, until it reports
+    /// healthy; panics with its log otherwise.
+    pub fn restart(&mut self) {
+        self.kill();
+        let peer_port = self
+            .command
+            .split_whitespace()
+            .skip_while(|w| *w != "--listen-peer-urls")
+            .nth(1)
+            .and_then(|url| url.rsplit(':').next()?.parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("no peer port in `{}`", self.command));
+        if let Err(e) = self.launch(peer_port) {
+            panic!("etcd did not restart: {e}\n{}", self.log());
+        }
+    }
+
+    /// What etcd holds under `key` (read over its JSON gateway), or `None` when the key
+    /// does not exist. Panics if etcd does not answer.
+    pub fn entry(&self, key: &str) -> Option<EtcdEntry> {
+        let endpoint = self.endpoint();
+        let addr: SocketAddr = endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap_or_else(|e| panic!("etcd endpoint {endpoint}: {e}"));
+        let body = format!("{{\"key\":\"{}\"}}", base64(key.as_bytes()));
+        let (code, text) = crate::http(addr, "POST", "/v3/kv/range", Some(&body));
+        assert_eq!(code, 200, "POST {endpoint}/v3/kv/range {body}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("etcd range answer is not JSON ({e}): {text}"));
+        let kv = v["kvs"].as_array()?.first()?;
+        // int64 fields come as strings in etcd's JSON; zero values are left out.
+        let int = |field: &str| -> i64 {
+            kv[field].as_str().map_or(0, |n| {
+                n.parse()
+                    .unwrap_or_else(|e| panic!("{field} {n:?} in {text}: {e}"))
+            })
+        };
+        Some(EtcdEntry {
+            lease: int("lease"),
+            mod_revision: int("mod_revision"),
+        })
+    }
+}
+
+/// A key as etcd holds it ([`Etcd::entry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EtcdEntry {
+    /// The lease the key is attached to (0: none).
+    pub lease: i64,
+    /// The revision of its last write: it grows each time the key is put again.
+    pub mod_revision: i64,
+}
+
+/// Standard base64 with padding (etcd's JSON gateway carries keys and values so).
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ABC[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 impl Drop for Etcd {
@@ -233,5 +356,17 @@ pub fn assert_streams_match(
         let toks = crate::streamed_tokens(&msgs);
         assert_eq!(toks.len(), max_tokens as usize, "{what}: request {i}");
         crate::assert_same_tokens(&format!("{what}: request {i}"), w, &toks, 1e-5);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_pads_like_the_standard() {
+        assert_eq!(super::base64(b"/a/b"), "L2EvYg==");
+        assert_eq!(super::base64(b"/moe"), "L21vZQ==");
+        assert_eq!(super::base64(b"abc"), "YWJj");
+        assert_eq!(super::base64(b"ab"), "YWI=");
+        assert_eq!(super::base64(b""), "");
     }
 }

@@ -12,6 +12,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod netns;
 use moe_proto::v1::expert_service_client::ExpertServiceClient;
 use moe_proto::v1::generation_client::GenerationClient;
 use moe_proto::v1::{GenerateRequest, GenerateResponse, SamplingParameters};
@@ -127,11 +128,30 @@ impl Proc {
     /// `moe <ARGS[0]> listening grpc=IP:PORT http=IP:PORT`; panics with the command line
     /// and its log if it exits first or [`STARTUP`] passes.
     pub fn start(args: &[&str]) -> Proc {
+        Proc::start_with_prefix(&[], args)
+    }
+
+    /// [`Proc::start`] through a launcher: runs `PREFIX... moe ARGS`, e.g. with
+    /// `["ip", "netns", "exec", NS]` inside a network namespace. The launcher must exec
+    /// the binary (so that [`Proc::pid`] and kill on drop reach the server itself).
+    pub fn start_with_prefix(prefix: &[&str], args: &[&str]) -> Proc {
         let bin = moe_bin();
         let cmdline = format!("{} {}", bin.display(), args.join(" "));
+        let cmdline = match prefix {
+            [] => cmdline,
+            _ => format!("{} {cmdline}", prefix.join(" ")),
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("stderr.log");
-        let child = Command::new(&bin)
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = command
             .args(args)
             .env("MOE_LOG", "info")
             .env("NO_COLOR", "1")

@@ -66,6 +66,8 @@ pub fn record(id: &str) -> WorkerRecord {
             capacity_bytes: 1 << 30,
         }],
         version: "test".into(),
+        draining: false,
+        incarnation: 1,
     }
 }
 

@@ -1,0 +1,169 @@
+//! Failure rule 7: under load (batches of requests back to back until the changes are
+//! over), a worker joins and another is told to leave (SIGTERM); no request fails. The joining worker is given experts (loaded before any router
+//! routes to them); the leaving one is drained first: it marks itself draining, the
+//! controller places its experts on the others, the routers switch, its copies are
+//! unloaded, and only then it exits, cleanly. Every stream's greedy tokens match the
+//! offline run.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moe_tests::cluster::{assert_streams_match, Etcd, Streams};
+use moe_tests::{
+    generate_offline, http, metric_sum, metric_value, metrics, path_str, tiny_checkpoint,
+    wait_until, GreedyReq, Proc,
+};
+use serde_json::Value;
+
+const MAX_TOKENS: u32 = 400;
+const CLUSTER: &str = "t7";
+
+/// Workers hosting at least one expert, per `GET /v1/cluster`.
+fn hosting_workers(router: &Proc) -> Vec<String> {
+    let (code, body) = http(router.http, "GET", "/v1/cluster", None);
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    let mut w: Vec<String> = v["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["experts"].as_array().is_some_and(|e| !e.is_empty()))
+        .filter_map(|d| d["worker"].as_str().map(str::to_owned))
+        .collect();
+    w.dedup();
+    w
+}
+
+/// Polls `cond` off the runtime's worker threads until it holds (60 s at most).
+async fn wait_until_async(cond: impl FnMut() -> bool + Send + 'static) {
+    let ok = tokio::task::spawn_blocking(move || wait_until(Duration::from_secs(60), cond))
+        .await
+        .expect("poll task");
+    assert!(ok, "condition not reached within 60 s");
+}
+
+/// `Vec<String>` arguments as `&str`s.
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_joins_and_another_leaves_under_load_and_no_request_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_checkpoint(dir.path(), 71);
+    let reqs: Vec<GreedyReq> = (0..4u32)
+        .map(|r| {
+            let ids = (0..4 + 3 * r)
+                .map(|j| (11 + 29 * j + 13 * r) % 500 + 2)
+                .collect();
+            GreedyReq::ids(ids, MAX_TOKENS).with_logprobs(1)
+        })
+        .collect();
+    let want = generate_offline(&model, &reqs);
+
+    let etcd = Etcd::start();
+    let endpoint = etcd.endpoint();
+    let member = |id: &str| -> Vec<String> {
+        let mut v: Vec<String> = vec!["--etcd".into(), endpoint.clone()];
+        for a in [
+            "--cluster",
+            CLUSTER,
+            "--lease-ttl-secs",
+            "2",
+            "--worker-id",
+            id,
+        ] {
+            v.push(a.to_owned());
+        }
+        v
+    };
+    let (m0, m1, m2) = (member("w0"), member("w1"), member("w2"));
+    let w0 = Proc::worker(&model, "cpu:0", &args(&m0));
+    let mut w1 = Proc::worker(&model, "cpu:0", &args(&m1));
+    let router = Proc::start(&[
+        "router",
+        "--model",
+        path_str(&model),
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--etcd",
+        &endpoint,
+        "--cluster",
+        CLUSTER,
+        "--lease-ttl-secs",
+        "2",
+        "--min-workers",
+        "2",
+    ]);
+    assert_eq!(hosting_workers(&router), ["w0", "w1"]);
+
+    // Load throughout: batch after batch of the same requests, until the join and the
+    // leave are over (a tiny model answers a batch in about a second).
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, reqs, addr) = (stop.clone(), reqs.clone(), router.grpc);
+        tokio::spawn(async move {
+            let mut batches = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let streams = Streams::start(addr, &reqs, Duration::from_secs(120));
+                batches.push(streams.finish().await);
+            }
+            batches
+        })
+    };
+    let http_addr = router.http;
+    wait_until_async(move || {
+        metric_value(&metrics(http_addr), "moe_num_requests_running").unwrap_or(0.0) > 0.0
+    })
+    .await;
+
+    // Join under load.
+    let w2 = Proc::worker(&model, "cpu:0", &args(&m2));
+    assert!(
+        wait_until(Duration::from_secs(60), || hosting_workers(&router)
+            .contains(&"w2".to_owned())),
+        "the joining worker was given no experts:\n{}",
+        router.describe()
+    );
+    // Leave under load: drained, then gone.
+    w1.sigterm();
+    let status = w1.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "the leaving worker exited with {status}:\n{}",
+        w1.describe()
+    );
+    assert!(
+        w1.log().contains("experts handed over"),
+        "the worker left before its experts were placed elsewhere:\n{}",
+        w1.describe()
+    );
+    assert_eq!(hosting_workers(&router), ["w0", "w2"]);
+
+    stop.store(true, Ordering::Release);
+    let batches = load.await.expect("load task");
+    assert!(
+        batches.len() >= 2,
+        "fewer than two batches ran across the changes"
+    );
+    for (i, got) in batches.into_iter().enumerate() {
+        assert_streams_match(
+            &format!("batch {i}, across a join and a leave"),
+            &want,
+            got,
+            MAX_TOKENS,
+        );
+    }
+    let text = metrics(router.http);
+    let failed = metric_sum(&text, "moe_requests_total")
+        - metric_value(&text, "moe_requests_total{outcome=\"ok\"}").unwrap_or(0.0);
+    assert_eq!(failed, 0.0, "some requests did not end ok:\n{text}");
+    assert!(
+        metric_value(&text, "moe_placement_version").unwrap_or(0.0) >= 3.0,
+        "expected a placement for the join and one for the leave:\n{text}"
+    );
+    drop((w0, w2, router, etcd));
+}
