@@ -144,7 +144,27 @@ pub fn plan(input: &PlanInput<'_>) -> Result<PlacementPlan, PlacementError> {
         order.sort_by_key(|(i, _, prev)| (prev.len(), *i));
     }
     let mut unplaced = Vec::new();
+    let replicas = input.replicas.max(1);
+    // The balanced share of all `replicas` copies of everything.
+    let share = (input.experts.len() as u64 * replicas as u64).div_ceil(n as u64) * eb;
     for (i, e, prev) in order {
+        if load.is_none() && replicas > 1 {
+            // Load-blind with replicas: every previous copy stays while its device is
+            // within its share of all copies, so an unchanged cluster re-plans to the
+            // same plan and a survivor keeps every copy it had.
+            let mut kept = 0;
+            for d in previous_hosts(input, e) {
+                if kept < replicas && used[d] + eb <= share && fits(d, used[d]) {
+                    used[d] += eb;
+                    hosted[d].insert(e);
+                    kept += 1;
+                }
+            }
+            if kept == 0 {
+                unplaced.push((i, e));
+            }
+            continue;
+        }
         let keep = prev
             .into_iter()
             .filter(|&d| used[d] + eb <= per_device && fits(d, used[d]))
@@ -190,9 +210,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<PlacementPlan, PlacementError> {
             missing.into_iter().map(|(_, e)| e).collect(),
         ));
     }
-    // Pass 3: extra copies, one round per replica, while capacity allows.
-    for _ in 1..input.replicas.max(1) {
+    // Pass 3: extra copies, one round per replica, while capacity allows; an expert
+    // that kept several copies in pass 1 needs fewer.
+    for round in 1..replicas {
         for &e in input.experts {
+            if hosted.iter().filter(|h| h.contains(&e)).count() > round {
+                continue;
+            }
             if let Some(d) = least_loaded(&used, |d| !hosted[d].contains(&e) && fits(d, used[d])) {
                 used[d] += eb;
                 hosted[d].insert(e);
@@ -640,6 +664,40 @@ mod tests {
             .unwrap_err(),
             PlacementError::NoDevices
         );
+    }
+
+    #[test]
+    fn replanning_an_unchanged_cluster_moves_nothing() {
+        let ex = experts(3, 8);
+        let devs = devices(5, 0);
+        for replicas in 1..=3 {
+            let input = |previous| PlanInput {
+                experts: &ex,
+                expert_bytes: 1,
+                devices: &devs,
+                replicas,
+                previous,
+                load: None,
+                extra_copies: 0,
+            };
+            let first = plan(&input(None)).unwrap();
+            let again = plan(&input(Some(&first))).unwrap();
+            assert_eq!(first, again, "replicas {replicas}");
+            // Losing a device keeps every survivor's copies, replicas included.
+            let survivors = &devs[..4];
+            let after = plan(&PlanInput {
+                devices: survivors,
+                ..input(Some(&first))
+            })
+            .unwrap();
+            for d in survivors {
+                assert!(
+                    first.assignments[d].is_subset(&after.assignments[d]),
+                    "replicas {replicas}: {d:?} lost copies"
+                );
+            }
+            assert!(ex.iter().all(|e| after.hosts(*e).len() == replicas.min(4)));
+        }
     }
 
     #[test]
