@@ -177,10 +177,10 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     for e in experts.iter().take(a.top) {
         println!(
             "{:>6} {:>7} {:>12} {:>7}",
-            e["layer"],
-            e["expert"],
+            e["layer"].as_u64().unwrap_or(0),
+            e["expert"].as_u64().unwrap_or(0),
             e["tokens"].as_u64().unwrap_or(0),
-            e["copies"]
+            e["copies"].as_u64().unwrap_or(0)
         );
     }
     Ok(())
