@@ -107,6 +107,10 @@ async fn leave_cluster(
     if hosted(node) == 0 {
         return;
     }
+    if !reg.state().is_registered() {
+        tracing::warn!("etcd unreachable: cannot hand this worker's experts over; leaving (routers route around it)");
+        return;
+    }
     let draining = WorkerRecord {
         draining: true,
         ..record.clone()

@@ -2,8 +2,9 @@
 //!
 //! Everything lives under `/moe/<cluster>/`: `workers/<id>` (membership, leased),
 //! `placement` (the versioned placement), `routers/<id>` (each router and the placement
-//! version it routes by, leased), `ready/<worker>` (the placement version a
-//! worker has loaded), `load/<router>` (a router's routed-token counts per expert over
+//! version it routes by, leased), `ready/<worker>` (reserved by DESIGN.md for the
+//! placement version a worker has loaded; unused, since the controller publishes only
+//! after `LoadExperts` acknowledged, see docs/architecture.md), `load/<router>` (a router's routed-token counts per expert over
 //! its last window, leased) and `controller` (the election of the placement controller;
 //! etcd's election API keeps its candidates under `controller/<lease id in hex>`).
 
