@@ -322,12 +322,16 @@ impl Keeper {
                         return Err((&mut keep_alive).await);
                     }
                     let value = self.value.borrow_and_update().clone();
-                    deadline(
+                    // The keep-alive goes on while the update is written.
+                    let write = deadline(
                         timeout,
                         "put",
                         client.put(self.key.clone(), value, Some(put.clone())),
-                    )
-                    .await?;
+                    );
+                    tokio::select! {
+                        end = &mut keep_alive => return Err(end),
+                        r = write => { r?; }
+                    }
                     debug!(key = %self.key, "record updated");
                 }
             }

@@ -76,6 +76,17 @@ impl Inner {
         });
     }
 
+    /// Replaces the record if registration `owner` still owns its id (a newer
+    /// registration of the same id is not taken over by an old handle's update).
+    fn update_if_owner(&self, owner: u64, record: WorkerRecord) {
+        let owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        if owners.get(&record.worker_id) == Some(&owner) {
+            self.workers.send_modify(|m| {
+                m.insert(record.worker_id.clone(), record);
+            });
+        }
+    }
+
     /// Removes `id` if registration `owner` still owns it.
     fn remove_if_owner(&self, id: &str, owner: u64) {
         let mut owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
@@ -122,7 +133,7 @@ impl Registry for InProcessRegistry {
                     Ok(()) = value_rx.changed() => {
                         let value = value_rx.borrow_and_update().clone();
                         match serde_json::from_slice::<WorkerRecord>(&value) {
-                            Ok(r) => inner.insert(owner, r),
+                            Ok(r) => inner.update_if_owner(owner, r),
                             Err(e) => tracing::warn!(worker = %task_id, error = %e, "ignoring an undecodable record update"),
                         }
                     }

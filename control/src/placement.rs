@@ -211,13 +211,23 @@ pub fn plan(input: &PlanInput<'_>) -> Result<PlacementPlan, PlacementError> {
         ));
     }
     // Pass 3: extra copies, one round per replica, while capacity allows; an expert
-    // that kept several copies in pass 1 needs fewer.
+    // that kept several copies in pass 1 needs fewer. A copy goes to another worker
+    // than the expert's other copies where one has room (a worker dies whole), then to
+    // the least loaded device.
     for round in 1..replicas {
         for &e in input.experts {
             if hosted.iter().filter(|h| h.contains(&e)).count() > round {
                 continue;
             }
-            if let Some(d) = least_loaded(&used, |d| !hosted[d].contains(&e) && fits(d, used[d])) {
+            let on_worker_with_copy = |d: usize| {
+                input.devices.iter().enumerate().any(|(d2, slot)| {
+                    slot.worker == input.devices[d].worker && hosted[d2].contains(&e)
+                })
+            };
+            let target = (0..n)
+                .filter(|&d| !hosted[d].contains(&e) && fits(d, used[d]))
+                .min_by_key(|&d| (on_worker_with_copy(d), used[d], d));
+            if let Some(d) = target {
                 used[d] += eb;
                 hosted[d].insert(e);
             }
@@ -536,12 +546,6 @@ pub fn max_over_mean(loads: &BTreeMap<DeviceSlot, f64>) -> f64 {
     max / (total / loads.len() as f64)
 }
 
-fn least_loaded(used: &[u64], ok: impl Fn(usize) -> bool) -> Option<usize> {
-    (0..used.len())
-        .filter(|d| ok(*d))
-        .min_by_key(|d| (used[*d], *d))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,6 +668,31 @@ mod tests {
             .unwrap_err(),
             PlacementError::NoDevices
         );
+    }
+
+    #[test]
+    fn copies_of_an_expert_go_to_different_workers() {
+        // Two workers with two devices each: a second copy never shares a worker.
+        let ex = experts(2, 8);
+        let devs = devices(4, 0);
+        let p = plan(&PlanInput {
+            experts: &ex,
+            expert_bytes: 1,
+            devices: &devs,
+            replicas: 2,
+            previous: None,
+            load: None,
+            extra_copies: 0,
+        })
+        .unwrap();
+        for e in &ex {
+            let workers: BTreeSet<&str> = p.hosts(*e).iter().map(|s| s.worker.as_str()).collect();
+            assert_eq!(
+                workers.len(),
+                2,
+                "{e:?} has both copies on one worker: {p:?}"
+            );
+        }
     }
 
     #[test]

@@ -226,6 +226,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 const UNLOAD_GRACE: Duration = Duration::from_secs(1);
 /// Deadline of the `Info` call before dropping copies (a clean-up: not worth waiting).
 const UNLOAD_INFO_DEADLINE: Duration = Duration::from_millis(500);
+/// How long a worker whose load failed is left out of placements.
+const EXCLUDE_AFTER_FAILED_LOAD: Duration = Duration::from_secs(10);
 /// Deadline of `Info` calls to workers.
 const INFO_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -350,9 +352,13 @@ struct Controller {
     reconcile: bool,
     /// The last placement this controller published (the watch may lag behind it).
     published: Option<(u64, PlacementDoc)>,
-    /// A placement whose superseded copies are still to be dropped, and since when
-    /// every router routes by it.
-    unload: Option<(u64, Option<Instant>)>,
+    /// The placement whose superseded copies were all dropped (level-triggered: any
+    /// newer placement, whoever published it, gets its clean-up).
+    cleaned: Option<u64>,
+    /// Since when every router routes by the placement being cleaned up after.
+    switched: Option<(u64, Instant)>,
+    /// Workers whose load failed, left out of placements until the instant given.
+    excluded: HashMap<String, Instant>,
 }
 
 impl Controller {
@@ -361,8 +367,10 @@ impl Controller {
     async fn live(&mut self, members: &Membership) -> (BTreeMap<String, DocWorker>, bool) {
         let mut live = BTreeMap::new();
         let mut unanswered = false;
+        let now = Instant::now();
+        self.excluded.retain(|_, until| *until > now);
         for (id, rec) in members {
-            if rec.draining {
+            if rec.draining || self.excluded.contains_key(id) {
                 continue;
             }
             let w = doc_worker(rec);
@@ -414,6 +422,10 @@ impl Controller {
                 current = Some(p.clone());
             }
         }
+        // Versions rise past whatever is stored, even a placement this build cannot read.
+        let floor = stored
+            .map_or(0, |s| s.version)
+            .max(current.as_ref().map_or(0, |c| c.0));
         let stale = match &current {
             None => true,
             Some((_, doc)) => doc.workers != live,
@@ -432,42 +444,48 @@ impl Controller {
                 tracing::warn!("no live worker to place experts on");
                 return Ok(pending);
             }
-            self.replace(token, members, &live, current.as_ref())
-                .await?;
+            if let Some(published) = self
+                .replace(token, members, &live, current.as_ref(), floor)
+                .await?
+            {
+                current = Some(published);
+            }
             self.rebalance_due = false;
             self.reconcile = false;
         }
-        if let (Some((version, _)), Some(s)) = (self.unload, stored) {
-            if s.version > version {
-                // A newer placement superseded the one being cleaned up: clean up after it.
-                self.unload = Some((s.version, None));
-            }
+        // Clean-up after the placement in force, once every router routes by it.
+        let Some((version, doc)) = current else {
+            return Ok(pending);
+        };
+        if self.cleaned == Some(version) {
+            return Ok(pending);
         }
-        if let Some((version, since)) = self.unload {
-            let behind: Vec<&String> = routers
-                .iter()
-                .filter(|(_, r)| r.placement_version < version)
-                .map(|(id, _)| id)
-                .collect();
-            if !behind.is_empty() {
-                tracing::debug!(routers = ?behind, version, "waiting for routers to switch");
-                self.unload = Some((version, None));
-                return Ok(true);
-            }
-            let since = since.unwrap_or_else(Instant::now);
-            if since.elapsed() < UNLOAD_GRACE {
-                self.unload = Some((version, Some(since)));
-                return Ok(true);
-            }
-            let doc = match &self.published {
-                Some((v, d)) if *v == version => Some(d.clone()),
-                _ => stored.filter(|s| s.version == version).and_then(decode),
-            }
-            .context("the placement changed before its old copies were dropped")?;
-            self.drop_superseded(version, &doc, members).await?;
-            self.unload = None;
+        let behind: Vec<&String> = routers
+            .iter()
+            .filter(|(_, r)| r.placement_version < version)
+            .map(|(id, _)| id)
+            .collect();
+        if !behind.is_empty() {
+            tracing::debug!(routers = ?behind, version, "waiting for routers to switch");
+            self.switched = None;
+            return Ok(true);
         }
-        pending |= self.unload.is_some();
+        let since = match self.switched {
+            Some((v, t)) if v == version => t,
+            _ => {
+                let t = Instant::now();
+                self.switched = Some((version, t));
+                t
+            }
+        };
+        if since.elapsed() < UNLOAD_GRACE {
+            return Ok(true);
+        }
+        if self.drop_superseded(version, &doc, members).await {
+            self.cleaned = Some(version);
+        } else {
+            pending = true;
+        }
         Ok(pending)
     }
 
@@ -478,7 +496,8 @@ impl Controller {
         members: &Membership,
         live: &BTreeMap<String, DocWorker>,
         current: Option<&(u64, PlacementDoc)>,
-    ) -> anyhow::Result<()> {
+        floor: u64,
+    ) -> anyhow::Result<Option<(u64, PlacementDoc)>> {
         let slots: Vec<DeviceSlot> = live
             .keys()
             .filter_map(|id| members.get(id))
@@ -510,13 +529,33 @@ impl Controller {
         .context("planning over the live workers")?;
         let doc = PlacementDoc::from_plan(&next, live.clone(), &self.id, token.revision);
         let unchanged = current.is_some_and(|(_, d)| d.same_layout(&doc));
-        let version = current.map_or(1, |(v, _)| if unchanged { *v } else { v + 1 });
+        let version = match current {
+            Some((v, _)) if unchanged => *v,
+            _ => floor + 1,
+        };
+        // Only workers that gain copies need to load (all of them when reconciling).
+        let before = |id: &str| -> BTreeMap<String, BTreeSet<(usize, u32)>> {
+            match current {
+                Some((_, d)) if !self.reconcile && d.workers.get(id) == live.get(id) => {
+                    d.assigned(id)
+                }
+                _ => BTreeMap::new(),
+            }
+        };
         // Phase 1: every worker loads its copies (already held ones are not read again).
         if !unchanged {
             self.view
                 .update(|v| v.loading = Some((version, doc.clone())));
         }
         let loads = live.iter().filter_map(|(id, w)| {
+            let had = before(id);
+            let gains = doc
+                .assigned(id)
+                .iter()
+                .any(|(d, set)| had.get(d).is_none_or(|h| !set.is_subset(h)));
+            if !gains {
+                return None;
+            }
             let client = self.clients.client(id, w)?;
             let assignments: Vec<(String, Vec<(usize, u32)>)> = doc
                 .assigned(id)
@@ -526,19 +565,27 @@ impl Controller {
             let timeout = self.load_timeout;
             let id = id.clone();
             Some(async move {
-                client
-                    .load(version, assignments, timeout)
-                    .await
-                    .with_context(|| format!("loading experts on worker {id}"))
+                let r = client.load(version, assignments, timeout).await;
+                (id, r)
             })
         });
         let loaded = futures::future::join_all(loads).await;
         self.view.update(|v| v.loading = None);
-        for r in loaded {
-            r?;
+        let failed: Vec<(String, String)> = loaded
+            .into_iter()
+            .filter_map(|(id, r)| r.err().map(|e| (id, e.to_string())))
+            .collect();
+        if !failed.is_empty() {
+            // Plan again without them for a while, rather than retrying a broken worker
+            // while other changes wait.
+            for (id, _) in &failed {
+                self.excluded
+                    .insert(id.clone(), Instant::now() + EXCLUDE_AFTER_FAILED_LOAD);
+            }
+            anyhow::bail!("loading experts failed on {failed:?}; planning without those workers for {EXCLUDE_AFTER_FAILED_LOAD:?}");
         }
         if unchanged {
-            return Ok(());
+            return Ok(None);
         }
         // Phase 2: publish; routers switch to the loaded copies.
         match self.store.put_placement(version, &doc, token).await {
@@ -554,8 +601,7 @@ impl Controller {
             tracing::info!(worker = %d.worker, device = %d.device, experts = d.experts.len(), version, "placement");
         }
         tracing::info!(version, workers = live.len(), "published placement");
-        self.unload = Some((version, None));
-        Ok(())
+        Ok(Some((version, doc)))
     }
 
     /// Drops, on every registered worker, the copies placement `version` does not assign
@@ -565,58 +611,67 @@ impl Controller {
         version: u64,
         doc: &PlacementDoc,
         members: &Membership,
-    ) -> anyhow::Result<()> {
-        let calls = members.iter().filter_map(|(id, rec)| {
-            let w = doc_worker(rec);
-            if self.compatible.get(&(id.clone(), w.clone())) == Some(&false) {
-                return None;
-            }
-            let i = self.clients.index(id, &w)?;
-            if self.clients.backend.is_marked_down(i) {
-                // Silent lately: its copies are not routed to anyway; no need to wait on it.
-                return None;
-            }
-            let client = self.clients.backend.worker(i)?;
-            let keep = if doc.workers.get(id) == Some(&w) {
-                doc.assigned(id)
-            } else {
-                BTreeMap::new()
-            };
-            let id = id.clone();
-            Some(async move {
-                let info = client.info(UNLOAD_INFO_DEADLINE).await?;
-                let extra: Vec<(String, Vec<(usize, u32)>)> = info
-                    .devices
-                    .iter()
-                    .map(|d| {
-                        let kept = keep.get(&d.name);
-                        let drop: Vec<(usize, u32)> = d
-                            .experts
-                            .iter()
-                            .map(|e| (e.layer as usize, e.expert))
-                            .filter(|e| !kept.is_some_and(|k| k.contains(e)))
-                            .collect();
-                        (d.name.clone(), drop)
-                    })
-                    .filter(|(_, drop)| !drop.is_empty())
-                    .collect();
-                if extra.is_empty() {
-                    return Ok::<_, moe_model::ExpertError>(());
+    ) -> bool {
+        let mut complete = true;
+        let calls: Vec<_> = members
+            .iter()
+            .filter_map(|(id, rec)| {
+                let w = doc_worker(rec);
+                if self.compatible.get(&(id.clone(), w.clone())) == Some(&false) {
+                    return None;
                 }
-                let n: usize = extra.iter().map(|(_, d)| d.len()).sum();
-                client.unload(version, extra, INFO_DEADLINE * 5).await?;
-                tracing::info!(worker = %id, experts = n, version, "dropped superseded copies");
-                Ok(())
+                let Some(i) = self.clients.index(id, &w) else {
+                    complete = false;
+                    return None;
+                };
+                if self.clients.backend.is_marked_down(i) {
+                    // Silent lately: not worth waiting on now; tried again later (or it
+                    // leaves the membership).
+                    complete = false;
+                    return None;
+                }
+                let client = self.clients.backend.worker(i)?;
+                let keep = if doc.workers.get(id) == Some(&w) {
+                    doc.assigned(id)
+                } else {
+                    BTreeMap::new()
+                };
+                let id = id.clone();
+                Some(async move {
+                    let info = client.info(UNLOAD_INFO_DEADLINE).await?;
+                    let extra: Vec<(String, Vec<(usize, u32)>)> = info
+                        .devices
+                        .iter()
+                        .map(|d| {
+                            let kept = keep.get(&d.name);
+                            let drop: Vec<(usize, u32)> = d
+                                .experts
+                                .iter()
+                                .map(|e| (e.layer as usize, e.expert))
+                                .filter(|e| !kept.is_some_and(|k| k.contains(e)))
+                                .collect();
+                            (d.name.clone(), drop)
+                        })
+                        .filter(|(_, drop)| !drop.is_empty())
+                        .collect();
+                    if extra.is_empty() {
+                        return Ok::<_, moe_model::ExpertError>(());
+                    }
+                    let n: usize = extra.iter().map(|(_, d)| d.len()).sum();
+                    client.unload(version, extra, INFO_DEADLINE * 5).await?;
+                    tracing::info!(worker = %id, experts = n, version, "dropped superseded copies");
+                    Ok(())
+                })
             })
-        });
+            .collect();
         for r in futures::future::join_all(calls).await {
             if let Err(e) = r {
-                // Harmless: a worker that did not answer keeps unused copies until the
-                // next placement's clean-up.
-                tracing::warn!(error = %e, version, "could not drop superseded copies");
+                // Tried again at the next round; the copies are not routed to meanwhile.
+                tracing::warn!(error = %e, version, "could not drop superseded copies yet");
+                complete = false;
             }
         }
-        Ok(())
+        complete
     }
 }
 
@@ -644,8 +699,10 @@ async fn report_load(
         }
         counts
     };
-    let mut before = read();
-    let mut last = Instant::now();
+    // Each report covers the last two intervals, so the controller, ticking at the same
+    // interval, sees every burst of load at least once.
+    let mut older = (read(), Instant::now());
+    let mut newer = older.clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -658,20 +715,19 @@ async fn report_load(
                 (
                     k.0,
                     k.1,
-                    n.saturating_sub(before.get(k).copied().unwrap_or(0)),
+                    n.saturating_sub(older.0.get(k).copied().unwrap_or(0)),
                 )
             })
             .filter(|(_, _, n)| *n > 0)
             .collect();
         if let Err(e) = reporter.publish(ExpertLoadReport {
             router: router.clone(),
-            window_secs: last.elapsed().as_secs_f64(),
+            window_secs: older.1.elapsed().as_secs_f64(),
             counts,
         }) {
             tracing::warn!(error = %e, "could not publish the expert load report");
         }
-        before = now;
-        last = Instant::now();
+        older = std::mem::replace(&mut newer, (now, Instant::now()));
     }
 }
 
@@ -800,7 +856,9 @@ pub async fn start(
         rebalance_due: false,
         reconcile: true,
         published: None,
-        unload: None,
+        cleaned: None,
+        switched: None,
+        excluded: HashMap::new(),
     };
     tokio::spawn(control(
         ctl, election, members, placement, routers, rebalance, shutdown,
@@ -838,29 +896,31 @@ async fn control(
     let every = rebalance.as_ref().map(|(d, _)| *d);
     let mut next_rebalance = every.map(|d| Instant::now() + d);
     let mut retry = false;
-    let mut leading = false;
+    let mut leading: Option<FencingToken> = None;
     loop {
         let token = match &*leadership.borrow_and_update() {
             Leadership::Leader(t) => Some(t.clone()),
             Leadership::Follower => None,
         };
-        match (&token, leading) {
-            (Some(t), false) => {
-                tracing::info!(token = %t, "this router is the placement controller");
-                ctl.metrics.controller_leader.set(1);
-                ctl.view.update(|v| v.leading = true);
-                ctl.reconcile = true;
-                ctl.published = None;
-                ctl.unload = None;
-                leading = true;
+        if token != leading {
+            match &token {
+                // A new term (even of this router): check every worker holds its copies,
+                // and clean up after the placement in force.
+                Some(t) => {
+                    tracing::info!(token = %t, "this router is the placement controller");
+                    ctl.metrics.controller_leader.set(1);
+                    ctl.view.update(|v| v.leading = true);
+                    ctl.reconcile = true;
+                    ctl.published = None;
+                    ctl.cleaned = None;
+                }
+                None => {
+                    tracing::warn!("this router is no longer the placement controller");
+                    ctl.metrics.controller_leader.set(0);
+                    ctl.view.update(|v| v.leading = false);
+                }
             }
-            (None, true) => {
-                tracing::warn!("this router is no longer the placement controller");
-                ctl.metrics.controller_leader.set(0);
-                ctl.view.update(|v| v.leading = false);
-                leading = false;
-            }
-            _ => {}
+            leading = token.clone();
         }
         let routers_now = routers_rx.borrow().clone();
         ctl.view.update(|v| v.routers = routers_now);
@@ -902,11 +962,11 @@ async fn control(
             r = members_rx.changed() => if r.is_err() { break },
             r = placement_rx.changed() => if r.is_err() { break },
             r = routers_rx.changed() => if r.is_err() { break },
-            _ = tokio::time::sleep(RETRY_AFTER), if retry && leading => {}
+            _ = tokio::time::sleep(RETRY_AFTER), if retry && leading.is_some() => {}
             _ = tick => {
                 if let (Some((_, view)), Some(d)) = (&rebalance, every) {
                     let load = view.current();
-                    if leading && load.values().any(|n| *n > 0) {
+                    if leading.is_some() && load.values().any(|n| *n > 0) {
                         tracing::info!(experts = load.len(), "rebalancing by observed expert load");
                         ctl.load = Some(load);
                         ctl.rebalance_due = true;

@@ -6,174 +6,51 @@
 //! was written by one leadership at a time: versions rise, and once a newer leadership
 //! wrote, an older one never wrote again (the writes are fenced by the leadership).
 
-use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use moe_tests::cluster::{assert_streams_match, Etcd, Streams};
-use moe_tests::{
-    generate_offline, http, metric_value, metrics, path_str, tiny_checkpoint, wait_until,
-    GreedyReq, Proc,
+use moe_tests::cluster::{
+    assert_streams_match, etcd_router, hosting_workers, member_args, varied_reqs, Etcd, Streams,
 };
-use serde_json::Value;
+use moe_tests::{generate_offline, metric_value, metrics, tiny_checkpoint, wait_until, Proc};
 
 const MAX_TOKENS: u32 = 300;
 /// Lease TTL of routers and workers.
 const TTL_SECS: &str = "2";
 const CLUSTER: &str = "t6";
 
-fn router(model: &std::path::Path, endpoint: &str, id: &str) -> Proc {
-    Proc::start(&[
-        "router",
-        "--model",
-        path_str(model),
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--etcd",
+fn router(model: &Path, endpoint: &str, id: &str) -> Proc {
+    etcd_router(
+        model,
         endpoint,
-        "--cluster",
         CLUSTER,
-        "--router-id",
-        id,
-        "--lease-ttl-secs",
-        TTL_SECS,
-        "--min-workers",
-        "2",
-        "--expert-replicas",
-        "1",
-    ])
+        &[
+            "--router-id",
+            id,
+            "--lease-ttl-secs",
+            TTL_SECS,
+            "--min-workers",
+            "2",
+            "--expert-replicas",
+            "1",
+        ],
+    )
 }
 
 fn is_leader(p: &Proc) -> bool {
     metric_value(&metrics(p.http), "moe_controller_is_leader") == Some(1.0)
 }
 
-/// Every value the key has had, oldest first, read revision by revision over etcd's
-/// JSON gateway.
-fn history(etcd: &Etcd, key: &str) -> Vec<Value> {
-    let addr: SocketAddr = etcd
-        .endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .expect("etcd address");
-    let range = |rev: i64| -> Value {
-        let body = format!(
-            "{{\"key\":\"{}\",\"revision\":\"{rev}\"}}",
-            b64(key.as_bytes())
-        );
-        let (code, text) = http(addr, "POST", "/v3/kv/range", Some(&body));
-        assert_eq!(code, 200, "range {body}: {text}");
-        serde_json::from_str(&text).expect("JSON")
-    };
-    let head: i64 = range(0)["header"]["revision"]
-        .as_str()
-        .and_then(|r| r.parse().ok())
-        .expect("header revision");
-    let mut seen = Vec::new();
-    let mut last_mod = String::new();
-    for rev in 1..=head {
-        let v = range(rev);
-        let Some(kv) = v["kvs"].as_array().and_then(|a| a.first()) else {
-            continue;
-        };
-        let m = kv["mod_revision"].as_str().unwrap_or_default().to_owned();
-        if m == last_mod {
-            continue;
-        }
-        last_mod = m;
-        let raw = unb64(kv["value"].as_str().expect("value"));
-        seen.push(serde_json::from_slice(&raw).expect("placement JSON"));
-    }
-    seen
-}
-
-fn b64(bytes: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ABC[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn unb64(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c}"),
-        }
-    };
-    let clean: Vec<u8> = s.bytes().filter(|c| *c != b'=').collect();
-    let mut out = Vec::new();
-    for chunk in clean.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= val(*c) << (18 - 6 * i);
-        }
-        for i in 0..chunk.len().saturating_sub(1) {
-            out.push((n >> (16 - 8 * i)) as u8);
-        }
-    }
-    out
-}
-
-/// Workers hosting at least one expert, per `GET /v1/cluster`.
-fn hosting_workers(router: &Proc) -> Vec<String> {
-    let (code, body) = http(router.http, "GET", "/v1/cluster", None);
-    assert_eq!(code, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).expect("JSON");
-    let mut w: Vec<String> = v["devices"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|d| d["experts"].as_array().is_some_and(|e| !e.is_empty()))
-        .filter_map(|d| d["worker"].as_str().map(str::to_owned))
-        .collect();
-    w.dedup();
-    w
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_controller_is_replaced_and_placements_never_interleave() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 61);
-    let reqs: Vec<GreedyReq> = (0..3u32)
-        .map(|r| {
-            let ids = (0..5 + 4 * r)
-                .map(|j| (3 + 31 * j + 17 * r) % 500 + 2)
-                .collect();
-            GreedyReq::ids(ids, MAX_TOKENS).with_logprobs(1)
-        })
-        .collect();
+    let reqs = varied_reqs(3, 6, MAX_TOKENS);
     let want = generate_offline(&model, &reqs);
 
     let etcd = Etcd::start();
     let endpoint = etcd.endpoint();
-    let member = [
-        "--etcd",
-        &endpoint,
-        "--cluster",
-        CLUSTER,
-        "--lease-ttl-secs",
-        TTL_SECS,
-    ];
+    let member = member_args(&endpoint, CLUSTER, &["--lease-ttl-secs", TTL_SECS]);
     let w0 = Proc::worker(
         &model,
         "cpu:0",
@@ -184,13 +61,19 @@ async fn a_killed_controller_is_replaced_and_placements_never_interleave() {
         "cpu:0",
         &[&member[..], &["--worker-id", "w1"]].concat(),
     );
-    let mut a = router(&model, &endpoint, "ra");
-    let b = router(&model, &endpoint, "rb");
+    let ra = router(&model, &endpoint, "ra");
+    let rb = router(&model, &endpoint, "rb");
+    // Whichever was elected is killed (normally the first started).
     assert!(
-        is_leader(&a),
-        "the first router did not lead:\n{}",
-        a.describe()
+        wait_until(Duration::from_secs(60), || is_leader(&ra) || is_leader(&rb)),
+        "no controller elected"
     );
+    let (mut a, b) = if is_leader(&ra) { (ra, rb) } else { (rb, ra) };
+    let (a_id, b_id) = if a.describe().contains("--router-id ra") {
+        ("ra", "rb")
+    } else {
+        ("rb", "ra")
+    };
     assert!(!is_leader(&b), "two leaders at once");
     assert_eq!(
         metric_value(&metrics(b.http), "moe_placement_version"),
@@ -234,13 +117,25 @@ async fn a_killed_controller_is_replaced_and_placements_never_interleave() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("controller rb | this router rb (controller)"),
+        text.contains(&format!(
+            "controller {b_id} | this router {b_id} (controller)"
+        )),
         "{text}"
     );
     assert!(text.contains("worker w2"), "{text}");
-    assert!(!text.contains("router ra"), "{text}");
+    // The dead router's presence goes with its lease (its own TTL).
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let out = moe_tests::run_moe(
+                &["cluster", "status", "--router", &b.http.to_string()],
+                true,
+            );
+            !String::from_utf8_lossy(&out.stdout).contains(&format!("router {a_id}"))
+        }),
+        "the dead router is still listed"
+    );
 
-    let placements = history(&etcd, &format!("/moe/{CLUSTER}/placement"));
+    let placements = etcd.history(&format!("/moe/{CLUSTER}/placement"));
     let writers: Vec<(u64, String, i64)> = placements
         .iter()
         .map(|p| {
@@ -265,7 +160,7 @@ async fn a_killed_controller_is_replaced_and_placements_never_interleave() {
     );
     let by = |who: &str| writers.iter().filter(|w| w.1 == who).count();
     assert!(
-        by("ra") >= 1 && by("rb") >= 1,
+        by(a_id) >= 1 && by(b_id) >= 1,
         "both routers should have published: {writers:?}"
     );
     let metrics_b = metrics(b.http);
@@ -274,4 +169,111 @@ async fn a_killed_controller_is_replaced_and_placements_never_interleave() {
         "the follower did not count the change of leader:\n{metrics_b}"
     );
     drop((w0, w1, w2, b, etcd));
+}
+
+/// Fencing, proved with a deposed controller that is still alive: the controller is
+/// frozen (SIGSTOP) past its lease, the other router is elected and publishes a
+/// placement for a joining worker, then the old controller resumes believing it leads.
+/// Whatever it tries, no placement of its own lands after its successor's, and it ends
+/// up routing by the successor's placement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_controller_cannot_overwrite_its_successor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_checkpoint(dir.path(), 62);
+    let reqs = varied_reqs(2, 9, 32);
+    let want = generate_offline(&model, &reqs);
+
+    let etcd = Etcd::start();
+    let endpoint = etcd.endpoint();
+    let member = member_args(&endpoint, CLUSTER, &["--lease-ttl-secs", TTL_SECS]);
+    let workers: Vec<Proc> = ["w0", "w1"]
+        .iter()
+        .map(|id| {
+            Proc::worker(
+                &model,
+                "cpu:0",
+                &[&member[..], &["--worker-id", id]].concat(),
+            )
+        })
+        .collect();
+    let ra = router(&model, &endpoint, "ra");
+    let rb = router(&model, &endpoint, "rb");
+    assert!(
+        wait_until(Duration::from_secs(60), || is_leader(&ra) || is_leader(&rb)),
+        "no controller elected"
+    );
+    let (old, new) = if is_leader(&ra) { (ra, rb) } else { (rb, ra) };
+    let (old_id, new_id) = if old.describe().contains("--router-id ra") {
+        ("ra", "rb")
+    } else {
+        ("rb", "ra")
+    };
+
+    old.signal("STOP");
+    assert!(
+        wait_until(Duration::from_secs(60), || is_leader(&new)),
+        "no successor elected while the controller was frozen:\n{}",
+        new.describe()
+    );
+    // A change only the successor can place: a worker joins.
+    let w2 = Proc::worker(
+        &model,
+        "cpu:0",
+        &[&member[..], &["--worker-id", "w2"]].concat(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || hosting_workers(&new)
+            .contains(&"w2".to_owned())),
+        "the successor placed nothing on the joining worker:\n{}",
+        new.describe()
+    );
+    let successor_version =
+        metric_value(&metrics(new.http), "moe_placement_version").unwrap_or(0.0);
+
+    old.signal("CONT");
+    // The old controller notices it was deposed and follows its successor.
+    assert!(
+        wait_until(Duration::from_secs(60), || !is_leader(&old)
+            && metric_value(&metrics(old.http), "moe_placement_version")
+                .unwrap_or(0.0)
+                >= successor_version),
+        "the resumed controller did not step down and follow:\n{}",
+        old.describe()
+    );
+    assert!(is_leader(&new), "the successor lost its leadership");
+    let got = Streams::start(old.grpc, &reqs, Duration::from_secs(120))
+        .finish()
+        .await;
+    assert_streams_match("on the resumed router", &want, got, 32);
+
+    let writers: Vec<(u64, String, i64)> = etcd
+        .history(&format!("/moe/{CLUSTER}/placement"))
+        .iter()
+        .map(|p| {
+            (
+                p["version"].as_u64().expect("version"),
+                p["placement"]["controller"]
+                    .as_str()
+                    .expect("controller")
+                    .to_owned(),
+                p["placement"]["token"].as_i64().expect("token"),
+            )
+        })
+        .collect();
+    eprintln!("placements: {writers:?}");
+    let first_new = writers
+        .iter()
+        .position(|w| w.1 == new_id)
+        .expect("the successor published nothing");
+    assert!(
+        writers[first_new..].iter().all(|w| w.1 != old_id),
+        "the deposed controller wrote after its successor: {writers:?}"
+    );
+    assert!(
+        writers
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].2 <= w[1].2),
+        "versions or leaderships went backwards: {writers:?}"
+    );
+    drop((w2, workers, old, new, etcd));
 }

@@ -11,10 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_tests::cluster::{assert_streams_match, Etcd, EtcdEntry, Streams};
+use moe_tests::cluster::{
+    assert_streams_match, cluster_status, etcd_router, hosted_by, keep_streaming, member_args,
+    placement_version, varied_reqs, worker_id, Etcd, EtcdEntry, Streams,
+};
 use moe_tests::{
-    generate_offline, http, metric_sum, metric_value, metrics, path_str, tiny_checkpoint,
-    wait_until, GreedyReq, Proc, PATIENCE,
+    generate_offline, metric_sum, metric_value, metrics, tiny_checkpoint, wait_until, Proc,
+    PATIENCE,
 };
 use serde_json::Value;
 
@@ -23,105 +26,30 @@ const MAX_TOKENS: u32 = 300;
 const TTL: Duration = Duration::from_secs(2);
 const CLUSTER: &str = "etcd-down";
 
-/// The id a worker registers under: derived from its advertised (gRPC) address.
-fn worker_id(w: &Proc) -> String {
-    format!("worker-{}-{}", w.grpc.ip(), w.grpc.port())
-}
-
-fn placement_version(router: &Proc) -> f64 {
-    metric_value(&metrics(router.http), "moe_placement_version").unwrap_or(0.0)
-}
-
 fn generated_tokens(router: &Proc) -> f64 {
     metric_sum(&metrics(router.http), "moe_generation_tokens_total")
-}
-
-/// GET /v1/cluster on the router.
-fn cluster_status(router: &Proc) -> Value {
-    let (code, body) = http(router.http, "GET", "/v1/cluster", None);
-    assert_eq!(code, 200, "GET /v1/cluster: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/v1/cluster is not JSON ({e}): {body}"))
-}
-
-/// Experts the placement in force puts on `worker`'s devices.
-fn hosted_by(status: &Value, worker: &str) -> usize {
-    status["devices"]
-        .as_array()
-        .expect("devices")
-        .iter()
-        .filter(|d| d["worker"] == worker)
-        .map(|d| d["experts"].as_array().map_or(0, Vec::len))
-        .sum()
-}
-
-type Batch = Vec<Result<Vec<moe_proto::v1::GenerateResponse>, tonic::Status>>;
-
-/// Streams `reqs` to `addr` batch after batch (the next as soon as one ends) until
-/// `stop`; counts finished batches in `done`; returns every batch's results.
-fn keep_streaming(
-    addr: std::net::SocketAddr,
-    reqs: Vec<GreedyReq>,
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicUsize>,
-) -> tokio::task::JoinHandle<Vec<Batch>> {
-    tokio::spawn(async move {
-        let mut batches = Vec::new();
-        while !stop.load(Ordering::SeqCst) {
-            let got = Streams::start(addr, &reqs, Duration::from_secs(120))
-                .finish()
-                .await;
-            batches.push(got);
-            done.fetch_add(1, Ordering::SeqCst);
-        }
-        batches
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_killed_under_load_fails_no_request_and_placement_continues_after() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 71);
-    let reqs: Vec<GreedyReq> = (0..4u32)
-        .map(|r| {
-            let ids = (0..4 + 5 * r)
-                .map(|j| (7 + 19 * j + 31 * r) % 470 + 6)
-                .collect();
-            GreedyReq::ids(ids, MAX_TOKENS).with_logprobs(1)
-        })
-        .collect();
+    let reqs = varied_reqs(4, 5, MAX_TOKENS);
     let want = generate_offline(&model, &reqs);
 
     let mut etcd = Etcd::start();
     let endpoint = etcd.endpoint();
     let ttl = TTL.as_secs().to_string();
-    let member = [
-        "--etcd",
-        &endpoint,
-        "--cluster",
-        CLUSTER,
-        "--lease-ttl-secs",
-        &ttl,
-    ];
+    let member = member_args(&endpoint, CLUSTER, &["--lease-ttl-secs", &ttl]);
     let mut workers: Vec<Proc> = (0..2)
         .map(|_| Proc::worker(&model, "cpu:0", &member))
         .collect();
-    let mut router = Proc::start(&[
-        "router",
-        "--model",
-        path_str(&model),
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--etcd",
+    let mut router = etcd_router(
+        &model,
         &endpoint,
-        "--cluster",
         CLUSTER,
-        "--min-workers",
-        "2",
-        "--expert-replicas",
-        "1",
-    ]);
+        &["--min-workers", "2", "--expert-replicas", "1"],
+    );
     let pids: Vec<u32> = std::iter::once(router.pid())
         .chain(workers.iter().map(Proc::pid))
         .collect();
@@ -142,7 +70,13 @@ async fn etcd_killed_under_load_fails_no_request_and_placement_continues_after()
     // Load from here to the end of the outage and past etcd's return.
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
-    let load = keep_streaming(router.grpc, reqs.clone(), stop.clone(), done.clone());
+    let load = keep_streaming(
+        router.grpc,
+        &reqs,
+        Duration::from_secs(120),
+        stop.clone(),
+        done.clone(),
+    );
     assert!(
         wait_until(PATIENCE, || generated_tokens(&router) > 0.0),
         "no token was generated:\n{}",

@@ -8,30 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use moe_tests::cluster::{Etcd, Streams};
-use moe_tests::{metric_value, metrics, path_str, tiny_checkpoint, wait_until, GreedyReq, Proc};
-
-fn router(model: &std::path::Path, endpoint: &str, cluster: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "router",
-        "--model",
-        path_str(model),
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--etcd",
-        endpoint,
-        "--cluster",
-        cluster,
-    ];
-    args.extend_from_slice(extra);
-    Proc::start(&args)
-}
-
-fn placement_version(p: &Proc) -> f64 {
-    metric_value(&metrics(p.http), "moe_placement_version").unwrap_or(0.0)
-}
+use moe_tests::cluster::{etcd_router, member_args, placement_version, Etcd, Streams};
+use moe_tests::{metrics, tiny_checkpoint, wait_until, GreedyReq, Proc};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_joins_is_given_experts() {
@@ -41,9 +19,9 @@ async fn a_worker_that_joins_is_given_experts() {
     let want = moe_tests::generate_offline(&model, std::slice::from_ref(&req));
     let etcd = Etcd::start();
     let endpoint = etcd.endpoint();
-    let member = ["--etcd", &endpoint, "--cluster", "join"];
+    let member = member_args(&endpoint, "join", &[]);
     let first = Proc::worker(&model, "cpu:0", &member);
-    let router = router(&model, &endpoint, "join", &[]);
+    let router = etcd_router(&model, &endpoint, "join", &[]);
     assert_eq!(placement_version(&router), 1.0);
 
     let second = Proc::worker(&model, "cpu:0,cpu:1", &member);
@@ -70,18 +48,11 @@ async fn a_worker_stopped_with_sigterm_leaves_at_once() {
     let etcd = Etcd::start();
     let endpoint = etcd.endpoint();
     // A TTL far longer than the wait below: only the revocation can explain a re-plan.
-    let member = [
-        "--etcd",
-        &endpoint,
-        "--cluster",
-        "term",
-        "--lease-ttl-secs",
-        "60",
-    ];
+    let member = member_args(&endpoint, "term", &["--lease-ttl-secs", "60"]);
     let mut workers: Vec<Proc> = (0..2)
         .map(|_| Proc::worker(&model, "cpu:0", &member))
         .collect();
-    let router = router(&model, &endpoint, "term", &["--min-workers", "2"]);
+    let router = etcd_router(&model, &endpoint, "term", &["--min-workers", "2"]);
     assert_eq!(placement_version(&router), 1.0);
 
     workers[1].sigterm();
@@ -111,18 +82,11 @@ async fn with_no_copy_left_requests_fail_unavailable_naming_the_experts() {
     let model = tiny_checkpoint(dir.path(), 97);
     let etcd = Etcd::start();
     let endpoint = etcd.endpoint();
-    let member = [
-        "--etcd",
-        &endpoint,
-        "--cluster",
-        "none",
-        "--lease-ttl-secs",
-        "2",
-    ];
+    let member = member_args(&endpoint, "none", &["--lease-ttl-secs", "2"]);
     let worker = Proc::worker(&model, "cpu:0", &member);
     // Bound: 2 s × (2 + 1) = 6 s, past the 2 s lease.
     let limits = ["--dispatch-timeout-ms", "2000", "--dispatch-retries", "2"];
-    let router = router(&model, &endpoint, "none", &limits);
+    let router = etcd_router(&model, &endpoint, "none", &limits);
     let reqs: Vec<GreedyReq> = (0..3u32)
         .map(|r| GreedyReq::ids(vec![7 + r, 8, 9], 400))
         .collect();

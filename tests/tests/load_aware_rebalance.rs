@@ -9,25 +9,21 @@
 //! numbers (docs/benchmarks.md quotes them).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use moe_tests::cluster::{assert_streams_match, Etcd, Streams};
-use moe_tests::{
-    generate_offline, http, metric_value, metrics, path_str, tiny_checkpoint, wait_until,
-    GreedyReq, Proc,
+use moe_tests::cluster::{
+    assert_streams_match, cluster_status, etcd_router, keep_streaming, member_args,
+    placement_version, Etcd, Streams,
 };
+use moe_tests::{generate_offline, tiny_checkpoint, wait_until, GreedyReq, Proc};
 use serde_json::Value;
 
 const MAX_TOKENS: u32 = 48;
 const CLUSTER: &str = "eplb";
 
 type Expert = (u64, u64);
-
-fn cluster(router: &Proc) -> Value {
-    let (code, body) = http(router.http, "GET", "/v1/cluster", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("JSON")
-}
 
 /// Device → experts, from a `/v1/cluster` document.
 fn placement(v: &Value) -> BTreeMap<String, BTreeSet<Expert>> {
@@ -80,30 +76,24 @@ async fn hot_experts_get_copies_and_device_load_evens_out() {
 
     let etcd = Etcd::start();
     let endpoint = etcd.endpoint();
-    let member = ["--etcd", &endpoint, "--cluster", CLUSTER];
+    let member = member_args(&endpoint, CLUSTER, &[]);
     let workers: Vec<Proc> = (0..2)
         .map(|_| Proc::worker(&model, "cpu:0,cpu:1", &member))
         .collect();
-    let router = Proc::start(&[
-        "router",
-        "--model",
-        path_str(&model),
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--etcd",
+    let router = etcd_router(
+        &model,
         &endpoint,
-        "--cluster",
         CLUSTER,
-        "--min-workers",
-        "2",
-        "--rebalance-interval-secs",
-        "1",
-        "--hot-copies",
-        "8",
-    ]);
-    let before = placement(&cluster(&router));
+        &[
+            "--min-workers",
+            "2",
+            "--rebalance-interval-secs",
+            "1",
+            "--hot-copies",
+            "8",
+        ],
+    );
+    let before = placement(&cluster_status(&router));
     assert_eq!(before.len(), 4, "expected 4 devices: {before:?}");
     assert!(
         before.values().flatten().count()
@@ -111,20 +101,27 @@ async fn hot_experts_get_copies_and_device_load_evens_out() {
         "one copy per expert at first"
     );
 
-    let got = Streams::start(router.grpc, &reqs, Duration::from_secs(120))
-        .finish()
-        .await;
-    assert_streams_match("skewed workload", &want, got, MAX_TOKENS);
-
-    // The controller re-plans at its next tick after a report with the counts.
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            metric_value(&metrics(router.http), "moe_placement_version").unwrap_or(0.0) >= 2.0
-        }),
-        "no rebalance happened:\n{}",
-        router.describe()
+    // The skewed workload runs until the controller has re-planned from the counts the
+    // router reports (each report covers the last two intervals).
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let load = keep_streaming(
+        router.grpc,
+        &reqs,
+        Duration::from_secs(120),
+        stop.clone(),
+        done.clone(),
     );
-    let now = cluster(&router);
+    let rebalanced = wait_until(Duration::from_secs(60), || {
+        placement_version(&router) >= 2.0
+    });
+    stop.store(true, Ordering::SeqCst);
+    let batches = load.await.expect("load task");
+    assert!(rebalanced, "no rebalance happened:\n{}", router.describe());
+    for (i, got) in batches.into_iter().enumerate() {
+        assert_streams_match(&format!("skewed batch {i}"), &want, got, MAX_TOKENS);
+    }
+    let now = cluster_status(&router);
     let after = placement(&now);
     let tokens: BTreeMap<Expert, f64> = now["experts"]
         .as_array()

@@ -6,59 +6,35 @@
 
 use std::time::{Duration, Instant};
 
-use moe_tests::cluster::{assert_streams_match, Etcd, Streams};
-use moe_tests::{
-    generate_offline, metric_sum, metric_value, metrics, path_str, tiny_checkpoint, GreedyReq, Proc,
+use moe_tests::cluster::{
+    assert_streams_match, etcd_router, member_args, varied_reqs, Etcd, Streams,
 };
+use moe_tests::{generate_offline, metric_sum, metric_value, metrics, tiny_checkpoint, Proc};
 
 const MAX_TOKENS: u32 = 300;
 /// Lease TTL of the workers: the membership notices the death within about this.
 const TTL_SECS: &str = "2";
+const CLUSTER: &str = "t4";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_experts_are_replaced_and_no_request_is_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 93);
-    let reqs: Vec<GreedyReq> = (0..4u32)
-        .map(|r| {
-            let ids = (0..6 + 5 * r)
-                .map(|j| (5 + 23 * j + 37 * r) % 500 + 2)
-                .collect();
-            GreedyReq::ids(ids, MAX_TOKENS).with_logprobs(1)
-        })
-        .collect();
+    let reqs = varied_reqs(4, 2, MAX_TOKENS);
     let want = generate_offline(&model, &reqs);
 
     let etcd = Etcd::start();
     let endpoint = etcd.endpoint();
-    let member = [
-        "--etcd",
-        &endpoint,
-        "--cluster",
-        "t4",
-        "--lease-ttl-secs",
-        TTL_SECS,
-    ];
+    let member = member_args(&endpoint, CLUSTER, &["--lease-ttl-secs", TTL_SECS]);
     let workers: Vec<Proc> = (0..2)
         .map(|_| Proc::worker(&model, "cpu:0", &member))
         .collect();
-    let router = Proc::start(&[
-        "router",
-        "--model",
-        path_str(&model),
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--etcd",
+    let router = etcd_router(
+        &model,
         &endpoint,
-        "--cluster",
-        "t4",
-        "--min-workers",
-        "2",
-        "--expert-replicas",
-        "1",
-    ]);
+        CLUSTER,
+        &["--min-workers", "2", "--expert-replicas", "1"],
+    );
     let text = metrics(router.http);
     assert_eq!(
         metric_value(&text, "moe_placement_version"),

@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use moe_tests::cluster::{assert_streams_match, Streams};
-use moe_tests::{generate_offline, metric_sum, metrics, tiny_checkpoint, GreedyReq, Proc};
+use moe_tests::cluster::{assert_streams_match, varied_reqs, Streams};
+use moe_tests::{generate_offline, metric_sum, metrics, tiny_checkpoint, Proc};
 
 const MAX_TOKENS: u32 = 300;
 
@@ -15,14 +15,7 @@ const MAX_TOKENS: u32 = 300;
 async fn a_killed_worker_with_replicas_loses_no_request() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 91);
-    let reqs: Vec<GreedyReq> = (0..6u32)
-        .map(|r| {
-            let ids = (0..5 + 4 * r)
-                .map(|j| (3 + 17 * j + 41 * r) % 500 + 2)
-                .collect();
-            GreedyReq::ids(ids, MAX_TOKENS).with_logprobs(1)
-        })
-        .collect();
+    let reqs = varied_reqs(6, 0, MAX_TOKENS);
     let want = generate_offline(&model, &reqs);
 
     let workers: Vec<Proc> = (0..3).map(|_| Proc::worker(&model, "cpu:0", &[])).collect();

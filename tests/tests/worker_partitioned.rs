@@ -11,14 +11,16 @@
 //!
 //! Needs root and iproute2 (`ip netns`); without them the test fails and says so.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use moe_tests::cluster::{assert_streams_match, Etcd, Streams};
+use moe_tests::cluster::{
+    assert_streams_match, cluster_status, etcd_router, hosted_by, member_args, varied_reqs, Etcd,
+    Streams,
+};
 use moe_tests::netns::Netns;
 use moe_tests::{
-    generate_offline, http, metric_sum, metric_value, metrics, path_str, tiny_checkpoint,
-    wait_until, GreedyReq, Proc,
+    generate_offline, metric_sum, metric_value, metrics, path_str, tiny_checkpoint, wait_until,
+    Proc,
 };
 use serde_json::{json, Value};
 
@@ -37,14 +39,7 @@ async fn a_partitioned_worker_is_routed_around_and_rejoins_when_the_link_heals()
     let netns = Netns::create("part");
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 71);
-    let reqs: Vec<GreedyReq> = (0..4u32)
-        .map(|r| {
-            let ids = (0..5 + 4 * r)
-                .map(|j| (7 + 19 * j + 41 * r) % 490 + 4)
-                .collect();
-            GreedyReq::ids(ids, MAX_TOKENS).with_logprobs(1)
-        })
-        .collect();
+    let reqs = varied_reqs(4, 4, MAX_TOKENS);
     let want = generate_offline(&model, &reqs);
 
     // etcd answers on 127.0.0.1 for the host and on the host's end of the pair for the
@@ -52,80 +47,57 @@ async fn a_partitioned_worker_is_routed_around_and_rejoins_when_the_link_heals()
     let etcd = Etcd::start_on(netns.host_ip());
     let host_etcd = etcd.endpoint();
     let ns_etcd = etcd.endpoint_on();
+    let ttl = ["--lease-ttl-secs", TTL_SECS];
     let ns_listen = format!("{}:0", netns.ns_ip());
+    let worker = [
+        "worker",
+        "--model",
+        path_str(&model),
+        "--devices",
+        "cpu:0",
+        "--listen",
+        &ns_listen,
+        "--http-listen",
+        &ns_listen,
+    ];
     let cut = Proc::start_with_prefix(
         &netns.exec_prefix(),
-        &[
-            "worker",
-            "--model",
-            path_str(&model),
-            "--devices",
-            "cpu:0",
-            "--listen",
-            &ns_listen,
-            "--http-listen",
-            &ns_listen,
-            "--etcd",
-            &ns_etcd,
-            "--cluster",
-            CLUSTER,
-            "--lease-ttl-secs",
-            TTL_SECS,
-        ],
+        &[&worker[..], &member_args(&ns_etcd, CLUSTER, &ttl)].concat(),
     );
     let cut_addr = cut.grpc.to_string();
-    let _survivor = Proc::worker(
-        &model,
-        "cpu:0",
-        &[
-            "--etcd",
-            &host_etcd,
-            "--cluster",
-            CLUSTER,
-            "--lease-ttl-secs",
-            TTL_SECS,
-        ],
-    );
+    let _survivor = Proc::worker(&model, "cpu:0", &member_args(&host_etcd, CLUSTER, &ttl));
     // A dispatch to a silent worker fails after 300 ms; with elastic membership a
     // dispatch keeps retrying (sole copies included) for deadline × (retries + 1) =
     // 18.3 s while it waits for the placement to replace the worker.
-    let router = Proc::start(&[
-        "router",
-        "--model",
-        path_str(&model),
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--etcd",
+    let router = etcd_router(
+        &model,
         &host_etcd,
-        "--cluster",
         CLUSTER,
-        "--min-workers",
-        "2",
-        "--expert-replicas",
-        "1",
-        "--dispatch-timeout-ms",
-        "300",
-        "--dispatch-retries",
-        "60",
-    ]);
+        &[
+            "--min-workers",
+            "2",
+            "--expert-replicas",
+            "1",
+            "--dispatch-timeout-ms",
+            "300",
+            "--dispatch-retries",
+            "60",
+        ],
+    );
     let text = metrics(router.http);
     assert_eq!(
         metric_value(&text, "moe_placement_version"),
         Some(1.0),
         "{text}"
     );
-    let status = cluster_status(router.http);
+    let status = cluster_status(&router);
+    // The namespace's worker by the id the router knows it by; its record in etcd.
+    let cut_id = id_of_worker_at(&status, netns.ns_ip());
     assert!(
-        hosted_by(&status, netns.ns_ip()) > 0,
+        hosted_by(&status, &cut_id) > 0,
         "the namespace's worker hosts no expert at the start:\n{status:#}"
     );
-    // Its record in etcd, by the id the router knows it by.
-    let key = format!(
-        "/moe/{CLUSTER}/workers/{}",
-        worker_id(&status, netns.ns_ip())
-    );
+    let key = format!("/moe/{CLUSTER}/workers/{cut_id}");
     let lease_before = etcd
         .entry(&key)
         .unwrap_or_else(|| panic!("{key} is not in etcd"))
@@ -157,9 +129,9 @@ async fn a_partitioned_worker_is_routed_around_and_rejoins_when_the_link_heals()
         version_cut >= 2.0,
         "the cut worker's experts were not re-placed:\n{text}"
     );
-    let status = cluster_status(router.http);
+    let status = cluster_status(&router);
     assert_eq!(
-        hosted_by(&status, netns.ns_ip()),
+        hosted_by(&status, &cut_id),
         0,
         "the cut worker still hosts experts:\n{status:#}"
     );
@@ -187,12 +159,12 @@ async fn a_partitioned_worker_is_routed_around_and_rejoins_when_the_link_heals()
     let rejoined = wait_until(SETTLE, || {
         let text = metrics(router.http);
         metric_value(&text, "moe_placement_version").unwrap_or(0.0) > version_cut
-            && hosted_by(&cluster_status(router.http), netns.ns_ip()) > 0
+            && hosted_by(&cluster_status(&router), &cut_id) > 0
     });
     assert!(
         rejoined,
         "the healed worker was not given experts again within {SETTLE:?}:\n{:#}\n{}",
-        cluster_status(router.http),
+        cluster_status(&router),
         metrics(router.http)
     );
     let lease_after = etcd.entry(&key).map(|e| e.lease);
@@ -218,26 +190,8 @@ async fn a_partitioned_worker_is_routed_around_and_rejoins_when_the_link_heals()
     );
 }
 
-/// The router's `GET /v1/cluster`.
-fn cluster_status(addr: SocketAddr) -> Value {
-    let (code, body) = http(addr, "GET", "/v1/cluster", None);
-    assert_eq!(code, 200, "GET http://{addr}/v1/cluster: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/v1/cluster is not JSON ({e}): {body}"))
-}
-
-/// Experts hosted by the devices of the worker whose id contains `ip`.
-fn hosted_by(status: &Value, ip: &str) -> usize {
-    status["devices"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|d| d["worker"].as_str().is_some_and(|w| w.contains(ip)))
-        .map(|d| d["experts"].as_array().map_or(0, Vec::len))
-        .sum()
-}
-
 /// The id of the worker whose id contains `ip` (the router names workers by their id).
-fn worker_id(status: &Value, ip: &str) -> String {
+fn id_of_worker_at(status: &Value, ip: &str) -> String {
     status["devices"]
         .as_array()
         .into_iter()

@@ -10,24 +10,21 @@
 
 use std::time::{Duration, Instant};
 
-use moe_tests::cluster::{assert_streams_match, Etcd, Streams};
-use moe_tests::{
-    generate_offline, http, metric_value, metrics, path_str, tiny_checkpoint, wait_until,
-    GreedyReq, Proc, PATIENCE,
+use moe_tests::cluster::{
+    assert_streams_match, cluster_status, etcd_router, hosted_by, member_args, placement_version,
+    varied_reqs, worker_id, Etcd, Streams,
 };
-use serde_json::Value;
+use moe_tests::{
+    generate_offline, metric_value, metrics, tiny_checkpoint, wait_until, Proc, PATIENCE,
+};
 
 const MAX_TOKENS: u32 = 300;
 /// Lease TTL of the workers (kept alive every TTL/2).
-const TTL_SECS: &str = "2";
+const TTL_SECS: &str = "4";
 const CLUSTER: &str = "stopped";
 
-/// The id a worker registers under: derived from its advertised (gRPC) address.
-fn worker_id(w: &Proc) -> String {
-    format!("worker-{}-{}", w.grpc.ip(), w.grpc.port())
-}
-
-fn placement_version(text: &str) -> f64 {
+/// The placement version in one scrape of `/metrics` (0 before any).
+fn placement_version_in(text: &str) -> f64 {
     metric_value(text, "moe_placement_version").unwrap_or(0.0)
 }
 
@@ -40,75 +37,42 @@ fn sum_with_label(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
-/// GET /v1/cluster on the router.
-fn cluster_status(router: &Proc) -> Value {
-    let (code, body) = http(router.http, "GET", "/v1/cluster", None);
-    assert_eq!(code, 200, "GET /v1/cluster: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/v1/cluster is not JSON ({e}): {body}"))
-}
-
-/// Experts the placement in force puts on `worker`'s devices.
-fn hosted_by(status: &Value, worker: &str) -> usize {
-    status["devices"]
-        .as_array()
-        .expect("devices")
-        .iter()
-        .filter(|d| d["worker"] == worker)
-        .map(|d| d["experts"].as_array().map_or(0, Vec::len))
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_sole_copy_is_marked_down_replaced_and_rejoins_after_sigcont() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 61);
-    let reqs: Vec<GreedyReq> = (0..4u32)
-        .map(|r| {
-            let ids = (0..5 + 4 * r)
-                .map(|j| (11 + 17 * j + 41 * r) % 490 + 4)
-                .collect();
-            GreedyReq::ids(ids, MAX_TOKENS).with_logprobs(1)
-        })
-        .collect();
+    let reqs = varied_reqs(4, 3, MAX_TOKENS);
     let want = generate_offline(&model, &reqs);
 
     let etcd = Etcd::start();
     let endpoint = etcd.endpoint();
-    let member = [
-        "--etcd",
-        &endpoint,
-        "--cluster",
-        CLUSTER,
-        "--lease-ttl-secs",
-        TTL_SECS,
-    ];
+    let member = member_args(&endpoint, CLUSTER, &["--lease-ttl-secs", TTL_SECS]);
     let workers: Vec<Proc> = (0..2)
         .map(|_| Proc::worker(&model, "cpu:0", &member))
         .collect();
-    let router = Proc::start(&[
-        "router",
-        "--model",
-        path_str(&model),
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--etcd",
+    let router = etcd_router(
+        &model,
         &endpoint,
-        "--cluster",
         CLUSTER,
-        "--min-workers",
-        "2",
-        "--expert-replicas",
-        "1",
-        // A dispatch deadline well inside the lease TTL: the frozen worker is marked down
-        // long before etcd can notice. The retries only widen the bound a dispatch may
-        // wait for a new copy (300 ms × 101), far past the TTL plus a re-placement.
-        "--dispatch-timeout-ms",
-        "300",
-        "--dispatch-retries",
-        "100",
-    ]);
+        &[
+            "--min-workers",
+            "2",
+            "--expert-replicas",
+            "1",
+            // A dispatch deadline well inside the lease TTL: the frozen worker is marked
+            // down long before etcd can notice. The retries only widen the bound a
+            // dispatch may wait for a new copy (300 ms × 101), far past the TTL plus a
+            // re-placement.
+            "--dispatch-timeout-ms",
+            "300",
+            "--dispatch-retries",
+            "100",
+            // A slow answer before the stop may already have marked the worker down;
+            // a short window lets the frozen worker's first timeout count afresh.
+            "--mark-down-ms",
+            "50",
+        ],
+    );
     let (frozen, survivor) = (&workers[0], &workers[1]);
     let (frozen_id, survivor_id) = (worker_id(frozen), worker_id(survivor));
     let frozen_addr = frozen.grpc.to_string();
@@ -129,7 +93,7 @@ async fn a_frozen_sole_copy_is_marked_down_replaced_and_rejoins_after_sigcont() 
     };
 
     let text = metrics(router.http);
-    let v1 = placement_version(&text);
+    let v1 = placement_version_in(&text);
     assert_eq!(v1, 1.0, "{text}");
     let status = cluster_status(&router);
     let all_experts = status["experts"].as_array().expect("experts").len();
@@ -160,7 +124,7 @@ async fn a_frozen_sole_copy_is_marked_down_replaced_and_rejoins_after_sigcont() 
             if marked_down(&text) <= marked_before {
                 return false;
             }
-            seen = Some((placement_version(&text), lease_of(&key)));
+            seen = Some((placement_version_in(&text), lease_of(&key)));
             true
         }),
         "the frozen worker was never marked down:\n{}",
@@ -191,7 +155,7 @@ async fn a_frozen_sole_copy_is_marked_down_replaced_and_rejoins_after_sigcont() 
     assert_streams_match("while frozen", &want, got, MAX_TOKENS);
 
     let text = metrics(router.http);
-    let v2 = placement_version(&text);
+    let v2 = placement_version_in(&text);
     assert!(v2 > v1, "the placement was not replaced:\n{text}");
     assert!(
         retries(&text) > retries_before,
@@ -223,7 +187,7 @@ async fn a_frozen_sole_copy_is_marked_down_replaced_and_rejoins_after_sigcont() 
     let mut v3 = 0.0;
     assert!(
         wait_until(PATIENCE, || {
-            v3 = placement_version(&metrics(router.http));
+            v3 = placement_version(&router);
             v3 > v2 && hosted_by(&cluster_status(&router), &frozen_id) > 0
         }),
         "the router placed no experts on the resumed worker (version {v3}):\n{}",

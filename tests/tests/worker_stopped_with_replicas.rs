@@ -7,10 +7,8 @@
 
 use std::time::Duration;
 
-use moe_tests::cluster::{assert_streams_match, Streams};
-use moe_tests::{
-    generate_offline, metric_value, metrics, tiny_checkpoint, wait_until, GreedyReq, Proc,
-};
+use moe_tests::cluster::{assert_streams_match, varied_reqs, Streams};
+use moe_tests::{generate_offline, metric_value, metrics, tiny_checkpoint, wait_until, Proc};
 
 const MAX_TOKENS: u32 = 200;
 
@@ -18,17 +16,7 @@ const MAX_TOKENS: u32 = 200;
 async fn a_frozen_worker_is_routed_around_and_rejoins_after_sigcont() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 57);
-    let reqs: Vec<GreedyReq> = (0..4u32)
-        .map(|r| {
-            GreedyReq::ids(
-                (0..6 + 3 * r)
-                    .map(|j| (5 + 13 * j + 29 * r) % 480 + 3)
-                    .collect(),
-                MAX_TOKENS,
-            )
-            .with_logprobs(1)
-        })
-        .collect();
+    let reqs = varied_reqs(4, 1, MAX_TOKENS);
     let want = generate_offline(&model, &reqs);
 
     let workers: Vec<Proc> = (0..3).map(|_| Proc::worker(&model, "cpu:0", &[])).collect();

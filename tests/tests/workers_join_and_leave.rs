@@ -5,35 +5,20 @@
 //! unloaded, and only then it exits, cleanly. Every stream's greedy tokens match the
 //! offline run.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use moe_tests::cluster::{assert_streams_match, Etcd, Streams};
-use moe_tests::{
-    generate_offline, http, metric_sum, metric_value, metrics, path_str, tiny_checkpoint,
-    wait_until, GreedyReq, Proc,
+use moe_tests::cluster::{
+    assert_streams_match, etcd_router, hosting_workers, keep_streaming, member_args, varied_reqs,
+    Etcd,
 };
-use serde_json::Value;
+use moe_tests::{
+    generate_offline, metric_sum, metric_value, metrics, tiny_checkpoint, wait_until, Proc,
+};
 
 const MAX_TOKENS: u32 = 400;
 const CLUSTER: &str = "t7";
-
-/// Workers hosting at least one expert, per `GET /v1/cluster`.
-fn hosting_workers(router: &Proc) -> Vec<String> {
-    let (code, body) = http(router.http, "GET", "/v1/cluster", None);
-    assert_eq!(code, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).expect("JSON");
-    let mut w: Vec<String> = v["devices"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|d| d["experts"].as_array().is_some_and(|e| !e.is_empty()))
-        .filter_map(|d| d["worker"].as_str().map(str::to_owned))
-        .collect();
-    w.dedup();
-    w
-}
 
 /// Polls `cond` off the runtime's worker threads until it holds (60 s at most).
 async fn wait_until_async(cond: impl FnMut() -> bool + Send + 'static) {
@@ -43,77 +28,48 @@ async fn wait_until_async(cond: impl FnMut() -> bool + Send + 'static) {
     assert!(ok, "condition not reached within 60 s");
 }
 
-/// `Vec<String>` arguments as `&str`s.
-fn args(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_joins_and_another_leaves_under_load_and_no_request_fails() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 71);
-    let reqs: Vec<GreedyReq> = (0..4u32)
-        .map(|r| {
-            let ids = (0..4 + 3 * r)
-                .map(|j| (11 + 29 * j + 13 * r) % 500 + 2)
-                .collect();
-            GreedyReq::ids(ids, MAX_TOKENS).with_logprobs(1)
-        })
-        .collect();
+    let reqs = varied_reqs(4, 7, MAX_TOKENS);
     let want = generate_offline(&model, &reqs);
 
     let etcd = Etcd::start();
     let endpoint = etcd.endpoint();
-    let member = |id: &str| -> Vec<String> {
-        let mut v: Vec<String> = vec!["--etcd".into(), endpoint.clone()];
-        for a in [
-            "--cluster",
-            CLUSTER,
-            "--lease-ttl-secs",
-            "2",
-            "--worker-id",
-            id,
-        ] {
-            v.push(a.to_owned());
-        }
-        v
-    };
-    let (m0, m1, m2) = (member("w0"), member("w1"), member("w2"));
-    let w0 = Proc::worker(&model, "cpu:0", &args(&m0));
-    let mut w1 = Proc::worker(&model, "cpu:0", &args(&m1));
-    let router = Proc::start(&[
-        "router",
-        "--model",
-        path_str(&model),
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--etcd",
+    let member = member_args(
         &endpoint,
-        "--cluster",
         CLUSTER,
-        "--lease-ttl-secs",
-        "2",
-        "--min-workers",
-        "2",
-    ]);
+        &["--lease-ttl-secs", "2", "--leave-timeout-secs", "30"],
+    );
+    let w0 = Proc::worker(
+        &model,
+        "cpu:0",
+        &[&member[..], &["--worker-id", "w0"]].concat(),
+    );
+    let mut w1 = Proc::worker(
+        &model,
+        "cpu:0",
+        &[&member[..], &["--worker-id", "w1"]].concat(),
+    );
+    let router = etcd_router(
+        &model,
+        &endpoint,
+        CLUSTER,
+        &["--lease-ttl-secs", "2", "--min-workers", "2"],
+    );
     assert_eq!(hosting_workers(&router), ["w0", "w1"]);
 
     // Load throughout: batch after batch of the same requests, until the join and the
     // leave are over (a tiny model answers a batch in about a second).
     let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (stop, reqs, addr) = (stop.clone(), reqs.clone(), router.grpc);
-        tokio::spawn(async move {
-            let mut batches = Vec::new();
-            while !stop.load(Ordering::Acquire) {
-                let streams = Streams::start(addr, &reqs, Duration::from_secs(120));
-                batches.push(streams.finish().await);
-            }
-            batches
-        })
-    };
+    let load = keep_streaming(
+        router.grpc,
+        &reqs,
+        Duration::from_secs(120),
+        stop.clone(),
+        Arc::new(AtomicUsize::new(0)),
+    );
     let http_addr = router.http;
     wait_until_async(move || {
         metric_value(&metrics(http_addr), "moe_num_requests_running").unwrap_or(0.0) > 0.0
@@ -121,7 +77,11 @@ async fn a_worker_joins_and_another_leaves_under_load_and_no_request_fails() {
     .await;
 
     // Join under load.
-    let w2 = Proc::worker(&model, "cpu:0", &args(&m2));
+    let w2 = Proc::worker(
+        &model,
+        "cpu:0",
+        &[&member[..], &["--worker-id", "w2"]].concat(),
+    );
     assert!(
         wait_until(Duration::from_secs(60), || hosting_workers(&router)
             .contains(&"w2".to_owned())),
@@ -143,7 +103,7 @@ async fn a_worker_joins_and_another_leaves_under_load_and_no_request_fails() {
     );
     assert_eq!(hosting_workers(&router), ["w0", "w2"]);
 
-    stop.store(true, Ordering::Release);
+    stop.store(true, Ordering::SeqCst);
     let batches = load.await.expect("load task");
     assert!(
         batches.len() >= 2,
@@ -161,6 +121,13 @@ async fn a_worker_joins_and_another_leaves_under_load_and_no_request_fails() {
     let failed = metric_sum(&text, "moe_requests_total")
         - metric_value(&text, "moe_requests_total{outcome=\"ok\"}").unwrap_or(0.0);
     assert_eq!(failed, 0.0, "some requests did not end ok:\n{text}");
+    // Copies were loaded before routes pointed at them and dropped only after every
+    // router had switched: no dispatch failed, none was retried.
+    assert_eq!(
+        moe_tests::metric_sum(&text, "moe_dispatch_retries_total"),
+        0.0,
+        "dispatches were retried across the join and the leave:\n{text}"
+    );
     assert!(
         metric_value(&text, "moe_placement_version").unwrap_or(0.0) >= 3.0,
         "expected a placement for the join and one for the leave:\n{text}"

@@ -283,12 +283,19 @@ impl Node {
     }
 
     /// Drops experts from the named devices. `version` is the placement the unload
-    /// belongs to (logged; the reported placement version is that of the last load).
+    /// belongs to: one older than the last load is refused ([`WorkerError::StaleUnload`]),
+    /// so a late clean-up (from a deposed controller, or an abandoned round) cannot drop
+    /// copies a newer placement loaded. The reported placement version stays that of the
+    /// last load.
     pub async fn unload(
         &self,
         version: u64,
         assignments: Vec<(String, Vec<(usize, u32)>)>,
     ) -> Result<NodeInfo, WorkerError> {
+        let loaded = self.inner.placement_version.load(Ordering::Acquire);
+        if version < loaded {
+            return Err(WorkerError::StaleUnload { version, loaded });
+        }
         let by_device = self.resolve(assignments)?;
         let mut tasks = JoinSet::new();
         for (device, experts) in by_device {
