@@ -56,6 +56,13 @@ impl WorkerRecord {
         if self.address.trim().is_empty() {
             return Err(ControlError::invalid("address", "must not be empty"));
         }
+        let mut names = std::collections::BTreeSet::new();
+        if let Some(d) = self.devices.iter().find(|d| !names.insert(d.name.as_str())) {
+            return Err(ControlError::invalid(
+                "devices",
+                format!("device {:?} is listed twice", d.name),
+            ));
+        }
         Ok(())
     }
 }
@@ -245,5 +252,8 @@ pub(crate) mod tests {
         let mut r = record("w0");
         r.address = " ".into();
         assert!(r.validate().unwrap_err().to_string().contains("address"));
+        let mut r = record("w0");
+        r.devices.push(r.devices[0].clone());
+        assert!(r.validate().unwrap_err().to_string().contains("devices"));
     }
 }

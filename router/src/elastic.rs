@@ -29,8 +29,8 @@ use anyhow::Context;
 use moe_control::{
     plan, watch_leader, watch_load, ControlError, DeviceSlot, Election, EtcdClient, EtcdConfig,
     EtcdRegistry, ExpertLoadReport, FencingToken, Leadership, LoadReporter, Membership,
-    PlacementPlan, PlacementStore, PlanInput, Registry, RouterPresence, RouterRecord,
-    StoredPlacement,
+    PlacementError, PlacementPlan, PlacementStore, PlanInput, Registry, RouterPresence,
+    RouterRecord, StoredPlacement,
 };
 use moe_model::{LocalExperts, ModelSpec};
 use serde::{Deserialize, Serialize};
@@ -359,49 +359,54 @@ struct Controller {
     switched: Option<(u64, Instant)>,
     /// Workers whose load failed, left out of placements until the instant given.
     excluded: HashMap<String, Instant>,
+    /// Routers present at the last round, and those that vanished since, with when.
+    present: BTreeSet<String>,
+    vanished: HashMap<String, Instant>,
+    /// How long a vanished router's copies are kept (3 × the lease TTL).
+    router_gone_grace: Duration,
 }
 
 impl Controller {
     /// The members that take part in the next placement: registered, not draining,
     /// answering and serving this model. Also reports whether one did not answer.
     async fn live(&mut self, members: &Membership) -> (BTreeMap<String, DocWorker>, bool) {
-        let mut live = BTreeMap::new();
-        let mut unanswered = false;
         let now = Instant::now();
         self.excluded.retain(|_, until| *until > now);
-        for (id, rec) in members {
-            if rec.draining || self.excluded.contains_key(id) {
-                continue;
-            }
-            let w = doc_worker(rec);
-            let key = (id.clone(), w.clone());
-            let ok = match self.compatible.get(&key) {
-                Some(ok) => *ok,
-                None => {
-                    let Some(client) = self.clients.client(id, &w) else {
-                        continue;
-                    };
-                    match client.info(INFO_DEADLINE).await {
-                        Ok(info) => {
-                            let ok = info.hidden_size as usize == self.hidden;
-                            if !ok {
-                                tracing::error!(worker = %id, hidden = info.hidden_size, want = self.hidden, "worker serves another model; leaving it out");
-                            }
-                            self.compatible.insert(key, ok);
-                            ok
-                        }
-                        Err(e) => {
-                            tracing::warn!(worker = %id, error = %e, "registered worker does not answer yet");
-                            unanswered = true;
-                            false
-                        }
+        let candidates: Vec<(String, DocWorker)> = members
+            .iter()
+            .filter(|(id, rec)| !rec.draining && !self.excluded.contains_key(*id))
+            .map(|(id, rec)| (id.clone(), doc_worker(rec)))
+            .collect();
+        // New registrations are asked what they serve, all at once (one that does not
+        // answer costs one deadline, not one per worker).
+        let asks = candidates
+            .iter()
+            .filter(|key| !self.compatible.contains_key(*key))
+            .filter_map(|(id, w)| {
+                let client = self.clients.client(id, w)?;
+                let key = (id.clone(), w.clone());
+                Some(async move { (key, client.info(INFO_DEADLINE).await) })
+            });
+        let mut unanswered = false;
+        for ((id, w), answer) in futures::future::join_all(asks).await {
+            match answer {
+                Ok(info) => {
+                    let ok = info.hidden_size as usize == self.hidden;
+                    if !ok {
+                        tracing::error!(worker = %id, hidden = info.hidden_size, want = self.hidden, "worker serves another model; leaving it out");
                     }
+                    self.compatible.insert((id, w), ok);
                 }
-            };
-            if ok {
-                live.insert(id.clone(), w);
+                Err(e) => {
+                    tracing::warn!(worker = %id, error = %e, "registered worker does not answer yet");
+                    unanswered = true;
+                }
             }
         }
+        let live = candidates
+            .into_iter()
+            .filter(|key| self.compatible.get(key) == Some(&true))
+            .collect();
         (live, unanswered)
     }
 
@@ -460,10 +465,24 @@ impl Controller {
         if self.cleaned == Some(version) {
             return Ok(pending);
         }
+        // A router whose presence vanished may have crashed, or may be cut off from etcd
+        // and still routing by an older placement: its copies stay for a while.
+        let now = Instant::now();
+        for id in routers.keys() {
+            self.vanished.remove(id);
+        }
+        for id in self.present.iter().filter(|id| !routers.contains_key(*id)) {
+            self.vanished.entry(id.clone()).or_insert(now);
+        }
+        self.present = routers.keys().cloned().collect();
+        let grace = self.router_gone_grace;
+        self.vanished
+            .retain(|_, at| now.duration_since(*at) < grace);
         let behind: Vec<&String> = routers
             .iter()
             .filter(|(_, r)| r.placement_version < version)
             .map(|(id, _)| id)
+            .chain(self.vanished.keys())
             .collect();
         if !behind.is_empty() {
             tracing::debug!(routers = ?behind, version, "waiting for routers to switch");
@@ -513,19 +532,40 @@ impl Controller {
         previous.assignments.retain(|slot, _| {
             current.is_some_and(|(_, d)| d.workers.get(&slot.worker) == live.get(&slot.worker))
         });
-        let next = plan(&PlanInput {
-            experts: &self.experts,
-            expert_bytes: self.expert_bytes,
-            devices: &slots,
-            replicas: self.replicas,
-            previous: Some(&previous),
-            load: self.load.as_ref(),
-            extra_copies: if self.load.is_some() {
-                self.hot_copies
-            } else {
-                0
-            },
-        })
+        let plan_over = |experts: &[(usize, u32)]| {
+            plan(&PlanInput {
+                experts,
+                expert_bytes: self.expert_bytes,
+                devices: &slots,
+                replicas: self.replicas,
+                previous: Some(&previous),
+                load: self.load.as_ref(),
+                extra_copies: if self.load.is_some() {
+                    self.hot_copies
+                } else {
+                    0
+                },
+            })
+        };
+        let next = match plan_over(&self.experts) {
+            // Not everything fits on the workers left: place what fits (requests needing
+            // the rest fail UNAVAILABLE naming them) rather than nothing.
+            Err(PlacementError::InsufficientCapacity(missing)) => {
+                tracing::error!(
+                    experts = missing.len(),
+                    first = ?missing.first(),
+                    "not enough device capacity for every expert: placing the others"
+                );
+                let fits: Vec<(usize, u32)> = self
+                    .experts
+                    .iter()
+                    .copied()
+                    .filter(|e| !missing.contains(e))
+                    .collect();
+                plan_over(&fits)
+            }
+            other => other,
+        }
         .context("planning over the live workers")?;
         let doc = PlacementDoc::from_plan(&next, live.clone(), &self.id, token.revision);
         let unchanged = current.is_some_and(|(_, d)| d.same_layout(&doc));
@@ -859,6 +899,9 @@ pub async fn start(
         cleaned: None,
         switched: None,
         excluded: HashMap::new(),
+        present: BTreeSet::new(),
+        vanished: HashMap::new(),
+        router_gone_grace: source.lease_ttl * 3,
     };
     tokio::spawn(control(
         ctl, election, members, placement, routers, rebalance, shutdown,
