@@ -31,10 +31,6 @@ pub enum WorkerError {
     /// The actor system itself failed (an actor could not be spawned or answered nothing).
     #[error("actor system: {0}")]
     Actor(String),
-    /// An unload for a placement older than the last load: it could drop copies a newer
-    /// placement routes to, so it is refused.
-    #[error("unload for placement {version} refused: placement {loaded} is loaded")]
-    StaleUnload { version: u64, loaded: u64 },
 }
 
 /// How a caller should treat a [`WorkerError`].
@@ -55,8 +51,7 @@ impl WorkerError {
             WorkerError::Model(ModelError::InvalidInput { .. }) => ErrorKind::InvalidArgument,
             WorkerError::UnknownDevice(_)
             | WorkerError::InvalidDevice { .. }
-            | WorkerError::InvalidExpert { .. }
-            | WorkerError::StaleUnload { .. } => ErrorKind::InvalidArgument,
+            | WorkerError::InvalidExpert { .. } => ErrorKind::InvalidArgument,
             WorkerError::Unavailable { .. } => ErrorKind::Unavailable,
             WorkerError::Model(_) | WorkerError::Actor(_) => ErrorKind::Internal,
         }

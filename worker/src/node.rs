@@ -8,7 +8,7 @@
 //! answers `ExpertError::Unavailable`; the supervisor restarts it, and later calls wait
 //! (bounded) for the replacement.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +71,9 @@ pub struct DeviceState {
     pub expert_bytes: u64,
 }
 
+/// A copy: (device index, (layer, expert)).
+type DeviceExpert = (usize, (usize, u32));
+
 struct NodeInner {
     core: Arc<NodeCore>,
     supervisor: ActorRef<SupervisorMsg>,
@@ -79,6 +82,9 @@ struct NodeInner {
     /// Device computes sent so far (for the test hook).
     computes: AtomicU64,
     placement_version: AtomicU64,
+    /// For each (device index, expert): the newest placement version a load asked for
+    /// it. An unload for an older placement leaves such a copy alone.
+    wanted_since: std::sync::Mutex<HashMap<DeviceExpert, u64>>,
 }
 
 /// A worker node: its devices, their actors and the experts they hold. Cheap to clone.
@@ -128,6 +134,7 @@ impl Node {
                 test_panic_at_compute: cfg.test_panic_at_compute,
                 computes: AtomicU64::new(0),
                 placement_version: AtomicU64::new(0),
+                wanted_since: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -234,6 +241,19 @@ impl Node {
         assignments: Vec<(String, Vec<(usize, u32)>)>,
     ) -> Result<NodeInfo, WorkerError> {
         let by_device = self.resolve(assignments)?;
+        {
+            let mut wanted = self
+                .inner
+                .wanted_since
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (device, experts) in &by_device {
+                for e in experts {
+                    let v = wanted.entry((*device, *e)).or_insert(version);
+                    *v = (*v).max(version);
+                }
+            }
+        }
         let mut tasks = JoinSet::new();
         for (device, experts) in by_device {
             let node = self.clone();
@@ -283,20 +303,38 @@ impl Node {
     }
 
     /// Drops experts from the named devices. `version` is the placement the unload
-    /// belongs to: one older than the last load is refused ([`WorkerError::StaleUnload`]),
-    /// so a late clean-up (from a deposed controller, or an abandoned round) cannot drop
-    /// copies a newer placement loaded. The reported placement version stays that of the
-    /// last load.
+    /// belongs to: a copy that a load for a newer placement asked for is kept, so a late
+    /// clean-up (from a deposed controller, or an abandoned round) cannot drop copies a
+    /// newer placement routes to, while older leftovers still go. The reported placement
+    /// version stays that of the last load.
     pub async fn unload(
         &self,
         version: u64,
         assignments: Vec<(String, Vec<(usize, u32)>)>,
     ) -> Result<NodeInfo, WorkerError> {
-        let loaded = self.inner.placement_version.load(Ordering::Acquire);
-        if version < loaded {
-            return Err(WorkerError::StaleUnload { version, loaded });
+        let mut by_device = self.resolve(assignments)?;
+        {
+            let mut wanted = self
+                .inner
+                .wanted_since
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (device, experts) in by_device.iter_mut() {
+                let before = experts.len();
+                experts.retain(|e| wanted.get(&(*device, *e)).is_none_or(|v| *v <= version));
+                if experts.len() < before {
+                    tracing::info!(
+                        version,
+                        kept = before - experts.len(),
+                        "unload: keeping copies a newer placement asked for"
+                    );
+                }
+                for e in experts.iter() {
+                    wanted.remove(&(*device, *e));
+                }
+            }
+            by_device.retain(|_, experts| !experts.is_empty());
         }
-        let by_device = self.resolve(assignments)?;
         let mut tasks = JoinSet::new();
         for (device, experts) in by_device {
             let node = self.clone();

@@ -219,22 +219,11 @@ async fn unload_drops_experts_and_replicas_serve() {
     let layer = spec.moe_layers().next().unwrap();
     let s = sample(&spec, 3);
     let want = reference(dir.path(), &spec, layer, &s);
-    // A clean-up for an older placement than the one loaded is refused: it could drop
-    // copies the newer placement routes to.
-    let stale = node
-        .unload(1, vec![("cpu:1".into(), all.clone())])
+    // A clean-up for an older placement than the load that asked for these copies
+    // leaves them: it could otherwise drop copies the newer placement routes to.
+    node.unload(1, vec![("cpu:1".into(), all.clone())])
         .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            stale,
-            WorkerError::StaleUnload {
-                version: 1,
-                loaded: 2
-            }
-        ),
-        "{stale}"
-    );
+        .unwrap();
     assert_eq!(node.info().devices[1].experts.len(), all.len());
     node.unload(3, vec![("cpu:0".into(), all.clone())])
         .await
