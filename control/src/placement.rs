@@ -149,19 +149,19 @@ pub fn plan(input: &PlanInput<'_>) -> Result<PlacementPlan, PlacementError> {
     let share = (input.experts.len() as u64 * replicas as u64).div_ceil(n as u64) * eb;
     for (i, e, prev) in order {
         if load.is_none() && replicas > 1 {
-            // Load-blind with replicas: every previous copy stays while its device is
-            // within its share of all copies, so an unchanged cluster re-plans to the
-            // same plan and a survivor keeps every copy it had.
-            let mut kept = 0;
-            for d in previous_hosts(input, e) {
-                if kept < replicas && used[d] + eb <= share && fits(d, used[d]) {
+            // Load-blind with replicas: one previous copy of each expert first (first
+            // copies of every expert come before second copies of some); the others are
+            // restored after pass 2.
+            let keep = previous_hosts(input, e)
+                .into_iter()
+                .filter(|&d| used[d] + eb <= share && fits(d, used[d]))
+                .min_by_key(|&d| (used[d], d));
+            match keep {
+                Some(d) => {
                     used[d] += eb;
                     hosted[d].insert(e);
-                    kept += 1;
                 }
-            }
-            if kept == 0 {
-                unplaced.push((i, e));
+                None => unplaced.push((i, e)),
             }
             continue;
         }
@@ -210,6 +210,24 @@ pub fn plan(input: &PlanInput<'_>) -> Result<PlacementPlan, PlacementError> {
             missing.into_iter().map(|(_, e)| e).collect(),
         ));
     }
+    // Pass 2b (load-blind, replicas): the other previous copies stay while their device
+    // is within its share of all copies, so an unchanged cluster re-plans to the same
+    // plan and a survivor keeps the copies it had.
+    if load.is_none() && replicas > 1 {
+        for &e in input.experts {
+            for d in previous_hosts(input, e) {
+                let copies = hosted.iter().filter(|h| h.contains(&e)).count();
+                if copies < replicas
+                    && !hosted[d].contains(&e)
+                    && used[d] + eb <= share
+                    && fits(d, used[d])
+                {
+                    used[d] += eb;
+                    hosted[d].insert(e);
+                }
+            }
+        }
+    }
     // Pass 3: extra copies, one round per replica, while capacity allows; an expert
     // that kept several copies in pass 1 needs fewer. A copy goes to another worker
     // than the expert's other copies where one has room (a worker dies whole), then to
@@ -224,9 +242,10 @@ pub fn plan(input: &PlanInput<'_>) -> Result<PlacementPlan, PlacementError> {
                     slot.worker == input.devices[d].worker && hosted[d2].contains(&e)
                 })
             };
+            let prev = previous_hosts(input, e);
             let target = (0..n)
                 .filter(|&d| !hosted[d].contains(&e) && fits(d, used[d]))
-                .min_by_key(|&d| (on_worker_with_copy(d), used[d], d));
+                .min_by_key(|&d| (on_worker_with_copy(d), !prev.contains(&d), used[d], d));
             if let Some(d) = target {
                 used[d] += eb;
                 hosted[d].insert(e);
@@ -693,6 +712,33 @@ mod tests {
                 "{e:?} has both copies on one worker: {p:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_lost_worker_with_replicas_leaves_room_for_every_expert() {
+        // 3 workers with room for 10 experts each, 16 experts × 2 copies: after losing
+        // one worker, 20 slots still hold every expert once (second copies where room).
+        let ex = experts(1, 16);
+        let devs: Vec<DeviceSlot> = (0..3)
+            .map(|w| DeviceSlot {
+                worker: format!("w{w}"),
+                device: "cpu:0".into(),
+                capacity_bytes: 10,
+            })
+            .collect();
+        let input = |devices, previous| PlanInput {
+            experts: &ex,
+            expert_bytes: 1,
+            devices,
+            replicas: 2,
+            previous,
+            load: None,
+            extra_copies: 0,
+        };
+        let first = plan(&input(&devs, None)).unwrap();
+        let after = plan(&input(&devs[1..], Some(&first))).unwrap();
+        assert!(after.missing(&ex).is_empty(), "{after:?}");
+        assert_eq!(after, plan(&input(&devs[1..], Some(&after))).unwrap());
     }
 
     #[test]

@@ -357,8 +357,8 @@ struct Controller {
     cleaned: Option<u64>,
     /// Since when every router routes by the placement being cleaned up after.
     switched: Option<(u64, Instant)>,
-    /// Workers whose load failed, left out of placements until the instant given.
-    excluded: HashMap<String, Instant>,
+    /// Joining workers whose load failed, left out of placements until the instant given.
+    excluded: HashMap<(String, DocWorker), Instant>,
     /// Routers present at the last round, and those that vanished since, with when.
     present: BTreeSet<String>,
     vanished: HashMap<String, Instant>,
@@ -374,8 +374,9 @@ impl Controller {
         self.excluded.retain(|_, until| *until > now);
         let candidates: Vec<(String, DocWorker)> = members
             .iter()
-            .filter(|(id, rec)| !rec.draining && !self.excluded.contains_key(*id))
+            .filter(|(_, rec)| !rec.draining)
             .map(|(id, rec)| (id.clone(), doc_worker(rec)))
+            .filter(|key| !self.excluded.contains_key(key))
             .collect();
         // New registrations are asked what they serve, all at once (one that does not
         // answer costs one deadline, not one per worker).
@@ -420,6 +421,8 @@ impl Controller {
         routers: &BTreeMap<String, RouterRecord>,
     ) -> anyhow::Result<bool> {
         let (live, unanswered) = self.live(members).await;
+        // Until an excluded worker's time is up, come back to it.
+        let unanswered = unanswered || !self.excluded.is_empty();
         let mut current = stored.and_then(|s| Some((s.version, decode(s)?)));
         // Our own last write may not have come back through the watch yet.
         if let Some(p) = &self.published {
@@ -462,9 +465,6 @@ impl Controller {
         let Some((version, doc)) = current else {
             return Ok(pending);
         };
-        if self.cleaned == Some(version) {
-            return Ok(pending);
-        }
         // A router whose presence vanished may have crashed, or may be cut off from etcd
         // and still routing by an older placement: its copies stay for a while.
         let now = Instant::now();
@@ -475,6 +475,9 @@ impl Controller {
             self.vanished.entry(id.clone()).or_insert(now);
         }
         self.present = routers.keys().cloned().collect();
+        if self.cleaned == Some(version) {
+            return Ok(pending);
+        }
         let grace = self.router_gone_grace;
         self.vanished
             .retain(|_, at| now.duration_since(*at) < grace);
@@ -616,13 +619,20 @@ impl Controller {
             .filter_map(|(id, r)| r.err().map(|e| (id, e.to_string())))
             .collect();
         if !failed.is_empty() {
-            // Plan again without them for a while, rather than retrying a broken worker
-            // while other changes wait.
+            // A joining worker that cannot load is planned without for a while, rather
+            // than holding every change up; one already serving the placement in force
+            // keeps its copies and is retried (its load failing is no reason to move
+            // everything it serves).
             for (id, _) in &failed {
-                self.excluded
-                    .insert(id.clone(), Instant::now() + EXCLUDE_AFTER_FAILED_LOAD);
+                let serving = current.is_some_and(|(_, d)| d.workers.get(id) == live.get(id));
+                if let (false, Some(w)) = (serving, live.get(id)) {
+                    self.excluded.insert(
+                        (id.clone(), w.clone()),
+                        Instant::now() + EXCLUDE_AFTER_FAILED_LOAD,
+                    );
+                }
             }
-            anyhow::bail!("loading experts failed on {failed:?}; planning without those workers for {EXCLUDE_AFTER_FAILED_LOAD:?}");
+            anyhow::bail!("loading experts failed on {failed:?}");
         }
         if unchanged {
             return Ok(None);
@@ -676,6 +686,9 @@ impl Controller {
                 } else {
                     BTreeMap::new()
                 };
+                // No controller loads a draining worker again: empty it whatever version
+                // its copies were loaded for (an abandoned round's included).
+                let version = if rec.draining { u64::MAX } else { version };
                 let id = id.clone();
                 Some(async move {
                     let info = client.info(UNLOAD_INFO_DEADLINE).await?;

@@ -240,7 +240,10 @@ async fn a_paused_controller_cannot_overwrite_its_successor() {
         "the resumed controller did not step down and follow:\n{}",
         old.describe()
     );
-    assert!(is_leader(&new), "the successor lost its leadership");
+    assert!(
+        wait_until(Duration::from_secs(60), || is_leader(&new)),
+        "the successor lost its leadership"
+    );
     let got = Streams::start(old.grpc, &reqs, Duration::from_secs(120))
         .finish()
         .await;

@@ -82,6 +82,10 @@ async fn a_partitioned_worker_is_routed_around_and_rejoins_when_the_link_heals()
             "300",
             "--dispatch-retries",
             "60",
+            // A slow answer before the cut may have marked the worker down already; a
+            // short window makes the cut's first timeout log a fresh mark-down.
+            "--mark-down-ms",
+            "50",
         ],
     );
     let text = metrics(router.http);

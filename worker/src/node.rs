@@ -85,6 +85,9 @@ struct NodeInner {
     /// For each (device index, expert): the newest placement version a load asked for
     /// it. An unload for an older placement leaves such a copy alone.
     wanted_since: std::sync::Mutex<HashMap<DeviceExpert, u64>>,
+    /// Loads and unloads run one at a time: an unload deciding what to drop and a load
+    /// deciding what it already holds must not interleave.
+    changes: tokio::sync::Mutex<()>,
 }
 
 /// A worker node: its devices, their actors and the experts they hold. Cheap to clone.
@@ -135,6 +138,7 @@ impl Node {
                 computes: AtomicU64::new(0),
                 placement_version: AtomicU64::new(0),
                 wanted_since: std::sync::Mutex::new(HashMap::new()),
+                changes: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -240,6 +244,7 @@ impl Node {
         version: u64,
         assignments: Vec<(String, Vec<(usize, u32)>)>,
     ) -> Result<NodeInfo, WorkerError> {
+        let _one_at_a_time = self.inner.changes.lock().await;
         let by_device = self.resolve(assignments)?;
         {
             let mut wanted = self
@@ -312,6 +317,7 @@ impl Node {
         version: u64,
         assignments: Vec<(String, Vec<(usize, u32)>)>,
     ) -> Result<NodeInfo, WorkerError> {
+        let _one_at_a_time = self.inner.changes.lock().await;
         let mut by_device = self.resolve(assignments)?;
         {
             let mut wanted = self
