@@ -168,6 +168,29 @@ pub struct RemoteBackend {
     down_until: Mutex<HashMap<usize, Instant>>,
     /// The placement the routes follow (for `moe cluster status`).
     placement: RwLock<PlacementPlan>,
+    /// Bumped after every route change.
+    routes_epoch: std::sync::atomic::AtomicU64,
+    /// Dispatches in flight, by the route epoch they started under.
+    in_flight: Mutex<BTreeMap<u64, usize>>,
+}
+
+/// A dispatch in flight, counted under the route epoch it started in.
+struct InFlight<'a> {
+    backend: &'a RemoteBackend,
+    epoch: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.backend.in_flight.lock() {
+            if let Some(n) = m.get_mut(&self.epoch) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.epoch);
+                }
+            }
+        }
+    }
 }
 
 /// One worker's share of a MoE layer.
@@ -207,6 +230,8 @@ impl RemoteBackend {
             calls: Default::default(),
             down_until: Mutex::new(HashMap::new()),
             placement: RwLock::new(PlacementPlan::default()),
+            routes_epoch: Default::default(),
+            in_flight: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -291,7 +316,9 @@ impl RemoteBackend {
 
     /// Routes by a placement whose copies are loaded. `worker_index` maps a device slot's
     /// worker name to the index of its client.
-    pub fn set_routes(&self, plan: &PlacementPlan, worker_index: &HashMap<String, usize>) {
+    /// Returns the new route epoch: once [`drained`](Self::drained) of it, no dispatch
+    /// split by older routes is in flight.
+    pub fn set_routes(&self, plan: &PlacementPlan, worker_index: &HashMap<String, usize>) -> u64 {
         let mut routes: HashMap<(usize, u32), Vec<usize>> = HashMap::new();
         for (slot, experts) in &plan.assignments {
             let Some(&w) = worker_index.get(&slot.worker) else {
@@ -328,6 +355,48 @@ impl RemoteBackend {
             *p = plan.clone();
         }
         self.metrics.placement_version.set(plan.version as i64);
+        // After the routes are written: a dispatch that sees this epoch sees them.
+        self.routes_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+
+    /// Waits (at most `bound`) until no dispatch that started under a route epoch older
+    /// than `epoch` is in flight; false if some still are.
+    pub async fn drained(&self, epoch: u64, bound: Duration) -> bool {
+        let deadline = Instant::now() + bound;
+        loop {
+            let busy = self
+                .in_flight
+                .lock()
+                .map(|m| m.range(..epoch).any(|(_, n)| *n > 0))
+                .unwrap_or(false);
+            if !busy {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The longest one dispatch may take, retries included.
+    pub fn dispatch_bound(&self) -> Duration {
+        self.cfg.deadline * (self.cfg.max_retries + 1)
+    }
+
+    /// Counts a dispatch in flight under the current route epoch (read before the
+    /// routes, so a dispatch never uses routes older than its epoch).
+    fn track(&self) -> InFlight<'_> {
+        let epoch = self.routes_epoch.load(std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut m) = self.in_flight.lock() {
+            *m.entry(epoch).or_default() += 1;
+        }
+        InFlight {
+            backend: self,
+            epoch,
+        }
     }
 
     /// The placement the routes follow.
@@ -467,6 +536,7 @@ impl RemoteBackend {
     }
 
     async fn dispatch(&self, req: &MoeRequest<'_>) -> Result<Vec<f32>, ExpertError> {
+        let _in_flight = self.track();
         let h = self.hidden;
         let mut out = vec![0f32; req.num_rows() * h];
         let mut avoid: Vec<usize> = Vec::new();

@@ -221,9 +221,10 @@ type LoadView = moe_control::LiveView<BTreeMap<(usize, u32), u64>>;
 
 /// How long to wait before trying a failed step again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
-/// After every router switched to a placement, how long before old copies are dropped
-/// (dispatches split by the old routes may still be in flight).
-const UNLOAD_GRACE: Duration = Duration::from_secs(1);
+/// After every router reported a placement, how long before old copies are dropped.
+/// Routers report only once no dispatch split by older routes is in flight, so this is
+/// only a margin for the report's own travel, not what correctness rests on.
+const UNLOAD_GRACE: Duration = Duration::from_millis(100);
 /// Deadline of the `Info` call before dropping copies (a clean-up: not worth waiting).
 const UNLOAD_INFO_DEADLINE: Duration = Duration::from_millis(500);
 /// How long a worker whose load failed is left out of placements.
@@ -277,9 +278,18 @@ async fn follow(
     clients: Arc<Clients>,
     mut members_rx: watch::Receiver<Membership>,
     mut placement_rx: watch::Receiver<Option<StoredPlacement>>,
-    mut presence: RouterPresence,
+    presence: RouterPresence,
     shutdown: CancellationToken,
 ) {
+    // The version routed by is reported once no dispatch split by the routes before it
+    // is still in flight, so the controller never drops a copy one of them may reach.
+    let (report, reports) = watch::channel((0u64, 0u64));
+    let reporter = tokio::spawn(report_switches(
+        clients.backend.clone(),
+        reports,
+        presence,
+        shutdown.clone(),
+    ));
     let mut applied: Option<(u64, HashMap<String, usize>)> = None;
     loop {
         let members = members_rx.borrow_and_update().clone();
@@ -307,11 +317,11 @@ async fn follow(
                     tracing::warn!(workers = ?gone, version = stored.version, "workers left the membership: routing around them");
                 }
                 let plan = doc.to_plan(stored.version);
-                clients.backend.set_routes(&plan, &now.1);
+                let epoch = clients.backend.set_routes(&plan, &now.1);
                 if applied.as_ref().is_none_or(|(v, _)| *v != stored.version) {
                     tracing::info!(version = stored.version, controller = %doc.controller, workers = now.1.len(), "routing by placement");
                 }
-                presence.set_version(stored.version);
+                report.send_replace((stored.version, epoch));
                 view.update(|v| v.routed = now.1.keys().cloned().collect());
                 applied = Some(now);
             }
@@ -321,6 +331,32 @@ async fn follow(
             r = members_rx.changed() => if r.is_err() { break },
             r = placement_rx.changed() => if r.is_err() { break },
         }
+    }
+    drop(report);
+    let _ = reporter.await;
+}
+
+/// Reports each (version, route epoch) sent once the epoch's older dispatches drained;
+/// leaves the routers' presence at shutdown.
+async fn report_switches(
+    backend: Arc<RemoteBackend>,
+    mut reports: watch::Receiver<(u64, u64)>,
+    mut presence: RouterPresence,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = reports.changed() => if r.is_err() { break },
+        }
+        let (version, epoch) = *reports.borrow_and_update();
+        if !backend.drained(epoch, backend.dispatch_bound()).await {
+            tracing::warn!(
+                version,
+                "dispatches by older routes still in flight after their bound"
+            );
+        }
+        presence.set_version(version);
     }
     match tokio::time::timeout(Duration::from_secs(2), presence.revoke()).await {
         Ok(Ok(())) => tracing::info!("left the routers' presence"),
@@ -500,8 +536,8 @@ impl Controller {
                 t
             }
         };
-        if since.elapsed() < UNLOAD_GRACE {
-            return Ok(true);
+        if let Some(rest) = UNLOAD_GRACE.checked_sub(since.elapsed()) {
+            tokio::time::sleep(rest).await;
         }
         if self.drop_superseded(version, &doc, members).await {
             self.cleaned = Some(version);

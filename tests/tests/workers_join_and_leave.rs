@@ -89,8 +89,13 @@ async fn a_worker_joins_and_another_leaves_under_load_and_no_request_fails() {
         router.describe()
     );
     // Leave under load: drained, then gone.
+    let asked_to_leave = std::time::Instant::now();
     w1.sigterm();
     let status = w1.wait_exit(Duration::from_secs(60));
+    eprintln!(
+        "the leaving worker exited {:?} after SIGTERM",
+        asked_to_leave.elapsed()
+    );
     assert!(
         status.success(),
         "the leaving worker exited with {status}:\n{}",
