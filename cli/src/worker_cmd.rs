@@ -76,23 +76,6 @@ pub struct WorkerArgs {
     test_panic_at_compute: Option<u64>,
 }
 
-/// `worker-<host>-<port>` from an address: characters other than `[A-Za-z0-9.]` become
-/// single dashes (etcd keys and metric labels stay plain).
-fn worker_id_from(advertise: &str) -> String {
-    let mut id = String::from("worker-");
-    for c in advertise.chars() {
-        let c = if c.is_ascii_alphanumeric() || c == '.' {
-            c
-        } else {
-            '-'
-        };
-        if !(c == '-' && id.ends_with('-')) {
-            id.push(c);
-        }
-    }
-    id.trim_end_matches('-').to_owned()
-}
-
 /// Leaving on SIGTERM with a cluster: marks this worker draining in its record, so the
 /// placement controller places its experts elsewhere, has the routers switch, then
 /// unloads them here; waits (at most `timeout`) until this worker hosts nothing, still
@@ -182,7 +165,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let worker_id: String = args
         .worker_id
         .clone()
-        .unwrap_or_else(|| worker_id_from(&advertise));
+        .unwrap_or_else(|| moe_control::id_from_address("worker", &advertise));
     let drain_timeout = Duration::from_secs(args.drain_timeout_secs);
     tracing::info!(
         model = %args.model.display(),
@@ -320,11 +303,5 @@ mod tests {
         assert!(cli.args.etcd.is_empty());
         assert_eq!(cli.args.cluster, "default");
         assert_eq!(cli.args.lease_ttl_secs, 10);
-    }
-
-    #[test]
-    fn worker_id_is_derived_from_the_address() {
-        assert_eq!(worker_id_from("10.0.0.7:50061"), "worker-10.0.0.7-50061");
-        assert_eq!(worker_id_from("[::1]:5"), "worker-1-5");
     }
 }

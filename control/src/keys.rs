@@ -81,6 +81,23 @@ impl ClusterKeys {
     }
 }
 
+/// An id for a process named after its address, usable as one key segment:
+/// `id_from_address("worker", "10.0.0.7:50061")` is `worker-10.0.0.7-50061`.
+pub fn id_from_address(prefix: &str, address: &str) -> String {
+    let mut id = format!("{prefix}-");
+    for c in address.chars() {
+        let c = if c.is_ascii_alphanumeric() || c == '.' {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && id.ends_with('-')) {
+            id.push(c);
+        }
+    }
+    id.trim_end_matches('-').to_owned()
+}
+
 /// Checks an id used as one key segment: non-empty, no `/`, printable ASCII.
 pub(crate) fn check_name(field: &'static str, name: &str) -> Result<(), ControlError> {
     if name.is_empty() {
@@ -117,6 +134,20 @@ mod tests {
         assert_eq!(k.controller(), "/moe/prod-1/controller");
         assert_eq!(k.router("r0"), "/moe/prod-1/routers/r0");
         assert_eq!(k.controller_candidates(), "/moe/prod-1/controller/");
+    }
+
+    #[test]
+    fn ids_from_addresses_are_valid_key_segments() {
+        assert_eq!(
+            id_from_address("worker", "10.0.0.7:50061"),
+            "worker-10.0.0.7-50061"
+        );
+        assert_eq!(id_from_address("worker", "[::1]:5"), "worker-1-5");
+        assert_eq!(
+            id_from_address("router", "127.0.0.1:50051"),
+            "router-127.0.0.1-50051"
+        );
+        assert!(check_name("id", &id_from_address("router", "[fe80::1%eth0]:9")).is_ok());
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! placement in force (which device of which worker hosts which experts), and the load:
 //! tokens routed to each expert since start, and each device's share of them.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use moe_control::PlacementPlan;
@@ -16,18 +15,7 @@ pub type PlacementSource = Arc<dyn Fn() -> PlacementPlan + Send + Sync>;
 
 /// The status document.
 pub fn status(plan: &PlacementPlan, spec: &ModelSpec, metrics: &RouterMetrics) -> Value {
-    // Tokens per expert, read from the per-expert counters.
-    let mut tokens: BTreeMap<(usize, u32), u64> = BTreeMap::new();
-    for layer in spec.moe_layers() {
-        let l = layer.to_string();
-        for e in 0..spec.moe.num_experts as u32 {
-            let n = metrics
-                .expert_tokens
-                .with_label_values(&[l.as_str(), e.to_string().as_str()])
-                .get();
-            tokens.insert((layer, e), n);
-        }
-    }
+    let tokens = metrics.expert_token_counts(spec);
     let copies = |k: &(usize, u32)| {
         plan.assignments
             .values()

@@ -774,20 +774,7 @@ async fn report_load(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let read = || {
-        let mut counts = BTreeMap::new();
-        for layer in spec.moe_layers() {
-            let l = layer.to_string();
-            for e in 0..spec.moe.num_experts as u32 {
-                let n = metrics
-                    .expert_tokens
-                    .with_label_values(&[l.as_str(), e.to_string().as_str()])
-                    .get();
-                counts.insert((layer, e), n);
-            }
-        }
-        counts
-    };
+    let read = || metrics.expert_token_counts(&spec);
     // Each report covers the last two intervals, so the controller, ticking at the same
     // interval, sees every burst of load at least once.
     let mut older = (read(), Instant::now());
@@ -839,7 +826,7 @@ pub async fn start(
     let router_id = source
         .router_id
         .clone()
-        .unwrap_or_else(|| router_id_from(&grpc_address));
+        .unwrap_or_else(|| moe_control::id_from_address("router", &grpc_address));
     let registry = EtcdRegistry::new(config.clone());
     let members = registry.watch_workers();
     let routers = registry.watch_routers();
@@ -1074,22 +1061,6 @@ async fn control(
     }
 }
 
-/// A router id derived from its address: `router-127.0.0.1-50051`.
-fn router_id_from(address: &str) -> String {
-    let mut id = String::from("router-");
-    for c in address.chars() {
-        let c = if c.is_ascii_alphanumeric() || c == '.' {
-            c
-        } else {
-            '-'
-        };
-        if !(c == '-' && id.ends_with('-')) {
-            id.push(c);
-        }
-    }
-    id.trim_end_matches('-').to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1139,10 +1110,5 @@ mod tests {
             placement: serde_json::json!({"nope": 1}),
         };
         assert_eq!(decode(&bad), None);
-    }
-
-    #[test]
-    fn router_id_is_derived_from_the_address() {
-        assert_eq!(router_id_from("127.0.0.1:50051"), "router-127.0.0.1-50051");
     }
 }

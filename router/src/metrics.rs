@@ -128,6 +128,25 @@ impl RouterMetrics {
         }
     }
 
+    /// Tokens routed to each expert of `spec` since start, from the per-expert counters.
+    pub fn expert_token_counts(
+        &self,
+        spec: &moe_model::ModelSpec,
+    ) -> std::collections::BTreeMap<(usize, u32), u64> {
+        let mut tokens = std::collections::BTreeMap::new();
+        for layer in spec.moe_layers() {
+            let l = layer.to_string();
+            for e in 0..spec.moe.num_experts as u32 {
+                let n = self
+                    .expert_tokens
+                    .with_label_values(&[l.as_str(), e.to_string().as_str()])
+                    .get();
+                tokens.insert((layer, e), n);
+            }
+        }
+        tokens
+    }
+
     /// The text exposition of this registry and any others (e.g. in-process workers).
     pub fn render(&self, extra: &[&Registry]) -> String {
         let mut families = self.registry.gather();

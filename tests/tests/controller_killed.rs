@@ -37,6 +37,23 @@ fn router(model: &Path, endpoint: &str, id: &str) -> Proc {
     )
 }
 
+/// Every placement ever written, oldest first: (version, controller, fencing revision).
+fn placement_writers(etcd: &Etcd) -> Vec<(u64, String, i64)> {
+    etcd.history(&format!("/moe/{CLUSTER}/placement"))
+        .iter()
+        .map(|p| {
+            (
+                p["version"].as_u64().expect("version"),
+                p["placement"]["controller"]
+                    .as_str()
+                    .expect("controller")
+                    .to_owned(),
+                p["placement"]["token"].as_i64().expect("token"),
+            )
+        })
+        .collect()
+}
+
 fn is_leader(p: &Proc) -> bool {
     metric_value(&metrics(p.http), "moe_controller_is_leader") == Some(1.0)
 }
@@ -135,20 +152,7 @@ async fn a_killed_controller_is_replaced_and_placements_never_interleave() {
         "the dead router is still listed"
     );
 
-    let placements = etcd.history(&format!("/moe/{CLUSTER}/placement"));
-    let writers: Vec<(u64, String, i64)> = placements
-        .iter()
-        .map(|p| {
-            (
-                p["version"].as_u64().expect("version"),
-                p["placement"]["controller"]
-                    .as_str()
-                    .expect("controller")
-                    .to_owned(),
-                p["placement"]["token"].as_i64().expect("token"),
-            )
-        })
-        .collect();
+    let writers = placement_writers(&etcd);
     eprintln!("controller taken over {takeover:?} after the kill; placements: {writers:?}");
     assert!(
         writers.windows(2).all(|w| w[0].0 < w[1].0),
@@ -249,20 +253,7 @@ async fn a_paused_controller_cannot_overwrite_its_successor() {
         .await;
     assert_streams_match("on the resumed router", &want, got, 32);
 
-    let writers: Vec<(u64, String, i64)> = etcd
-        .history(&format!("/moe/{CLUSTER}/placement"))
-        .iter()
-        .map(|p| {
-            (
-                p["version"].as_u64().expect("version"),
-                p["placement"]["controller"]
-                    .as_str()
-                    .expect("controller")
-                    .to_owned(),
-                p["placement"]["token"].as_i64().expect("token"),
-            )
-        })
-        .collect();
+    let writers = placement_writers(&etcd);
     eprintln!("placements: {writers:?}");
     let first_new = writers
         .iter()
