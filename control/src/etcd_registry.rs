@@ -74,7 +74,7 @@ impl EtcdRegistry {
     /// Keeps `value` at `key` under a lease of `ttl` (kept alive at TTL/2, re-granted
     /// after expiry, re-put on reconnection), as a worker's record is kept; `id` names
     /// the registration.
-    fn announce(
+    pub(crate) fn announce(
         &self,
         id: String,
         key: String,

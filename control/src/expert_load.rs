@@ -3,10 +3,11 @@
 //!
 //! Each router publishes an [`ExpertLoadReport`] (JSON) at `/moe/<cluster>/load/<router>`
 //! under a lease of its own, so a dead router's counts vanish with it. A
-//! [`LoadReporter`] does the writing in the background: [`LoadReporter::publish`] never
-//! blocks and the latest report wins; its task writes under the request deadline, keeps
-//! the lease alive at TTL/2, writes again under a fresh lease when the old one expired
-//! (etcd unreachable for longer than the TTL), and reconnects with backoff. Dropping the
+//! [`LoadReporter`] does the writing in the background, through the same keeper as a
+//! worker's registration: [`LoadReporter::publish`] never blocks and the latest report
+//! wins; the lease is kept alive at TTL/2, re-granted when it expired (etcd unreachable
+//! for longer than the TTL) with the latest report written again, and the connection
+//! retried with backoff. Dropping the
 //! reporter lets the report expire with its lease, like a crash; [`LoadReporter::revoke`]
 //! removes it at once.
 //!
@@ -14,22 +15,19 @@
 //! report. Counts are summed as they are: routers should report over the same window.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::time::Duration;
 
-use etcd_client::PutOptions;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::{info, warn};
+use tokio::sync::watch;
+use tracing::warn;
 
 use crate::error::ControlError;
-use crate::etcd::{deadline, Backoff, EtcdConfig};
+use crate::etcd::EtcdConfig;
 use crate::etcd_mirror::{spawn_mirror, Entries, KeyRange};
+use crate::etcd_registry::EtcdRegistry;
 use crate::keys::check_name;
-use crate::lease::{KeepAlive, LeaseSlot, SessionEnd};
-use crate::live_view::{ConnectionState, LiveView};
-use crate::membership::RevokeReply;
+use crate::live_view::LiveView;
+use crate::membership::{Registration, RegistrationState};
 use crate::placement::ExpertKey;
 
 /// What one router saw over its last window.
@@ -69,43 +67,37 @@ fn add_counts(totals: &mut BTreeMap<ExpertKey, u64>, counts: &[(usize, u32, u64)
     }
 }
 
-/// A router's presence in the load reports. A task writes what is published; dropping
-/// the handle stops the task without revoking (the report expires with its lease);
+/// A router's presence in the load reports: a leased record like a worker's
+/// registration (the registry's keeper writes it, keeps the lease alive at TTL/2,
+/// re-grants it after expiry and writes the latest report again on reconnection).
+/// Dropping the handle lets the report expire with its lease, like a crash;
 /// [`revoke`](Self::revoke) removes it at once.
 #[derive(Debug)]
 pub struct LoadReporter {
     router: String,
-    latest: watch::Sender<Option<Vec<u8>>>,
-    state: watch::Receiver<ConnectionState>,
-    revoke: mpsc::Sender<RevokeReply>,
-    _stop: DropGuard,
+    registration: Registration,
 }
 
 impl LoadReporter {
     /// Starts reporting as `router` (one key segment: letters, digits, `-_.:`) under a
-    /// lease of `ttl`, kept alive at `ttl / 2`. Returns at once; nothing is written until
-    /// the first [`publish`](Self::publish). Must be called inside a Tokio runtime.
+    /// lease of `ttl`, kept alive at `ttl / 2`, with an empty report until the first
+    /// [`publish`](Self::publish). Returns at once; must be called inside a Tokio
+    /// runtime.
     pub fn start(config: EtcdConfig, router: &str, ttl: Duration) -> Result<Self, ControlError> {
         check_name("router id", router)?;
-        let (latest_tx, latest_rx) = watch::channel(None);
-        let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
-        let writer = Writer {
-            key: config.keys.load(router),
-            config,
-            lease: LeaseSlot::new(ttl)?,
-            latest: latest_rx,
-            state: state_tx,
+        let empty = ExpertLoadReport {
+            router: router.to_owned(),
+            window_secs: 0.0,
+            counts: Vec::new(),
         };
-        let (revoke_tx, revoke_rx) = mpsc::channel(1);
-        let stop = CancellationToken::new();
-        let guard = stop.clone().drop_guard();
-        tokio::spawn(writer.run(stop, revoke_rx));
+        let value = serde_json::to_vec(&empty)
+            .map_err(|e| ControlError::invalid("load report", e.to_string()))?;
+        let key = config.keys.load(router);
+        let registration =
+            EtcdRegistry::new(config).announce(router.to_owned(), key, value, ttl)?;
         Ok(Self {
             router: router.to_owned(),
-            latest: latest_tx,
-            state: state_rx,
-            revoke: revoke_tx,
-            _stop: guard,
+            registration,
         })
     }
 
@@ -123,152 +115,24 @@ impl LoadReporter {
         report.router.clone_from(&self.router);
         let value = serde_json::to_vec(&report)
             .map_err(|e| ControlError::invalid("load report", e.to_string()))?;
-        self.latest.send_replace(Some(value));
+        self.registration.update_raw(value);
         Ok(())
     }
 
-    /// Where the writer stands: [`ConnectionState::Connected`] while its lease lives and
-    /// everything published so far is written.
-    pub fn state(&self) -> ConnectionState {
-        *self.state.borrow()
+    /// Where the writer stands (registered, disconnected, registered again, ...).
+    pub fn state(&self) -> RegistrationState {
+        self.registration.state()
     }
 
     /// A receiver of the writer's state.
-    pub fn subscribe(&self) -> watch::Receiver<ConnectionState> {
-        self.state.clone()
+    pub fn subscribe(&self) -> watch::Receiver<RegistrationState> {
+        self.registration.subscribe()
     }
 
     /// Stops reporting and removes the report at once. If etcd is unreachable this fails
     /// with an unavailable error and the report expires with its lease.
     pub async fn revoke(self) -> Result<(), ControlError> {
-        let (tx, rx) = oneshot::channel();
-        self.revoke
-            .send(tx)
-            .await
-            .map_err(|_| ControlError::Stopped("load reporter"))?;
-        rx.await
-            .map_err(|_| ControlError::Stopped("load reporter"))?
-    }
-}
-
-/// The task behind a [`LoadReporter`].
-struct Writer {
-    config: EtcdConfig,
-    key: String,
-    lease: LeaseSlot,
-    latest: watch::Receiver<Option<Vec<u8>>>,
-    state: watch::Sender<ConnectionState>,
-}
-
-enum Wake {
-    Stop,
-    Revoke(RevokeReply),
-    Ended(SessionEnd),
-}
-
-impl Writer {
-    async fn run(mut self, stop: CancellationToken, mut revoke: mpsc::Receiver<RevokeReply>) {
-        let mut backoff = self.config.backoff();
-        loop {
-            // A closed revoke channel means the handle was dropped: `stop` fires too, and
-            // a dropped reporter's report must expire, not be revoked.
-            let wake = tokio::select! {
-                _ = stop.cancelled() => Wake::Stop,
-                Some(reply) = revoke.recv() => Wake::Revoke(reply),
-                end = self.session(&mut backoff) => Wake::Ended(end),
-            };
-            let delay = match wake {
-                Wake::Stop => return,
-                Wake::Revoke(reply) => return self.leave(reply).await,
-                Wake::Ended(SessionEnd::LeaseExpired | SessionEnd::Deposed) => {
-                    info!(key = %self.key, "load report lease expired; writing under a fresh one");
-                    self.lease.forget();
-                    Duration::ZERO
-                }
-                Wake::Ended(SessionEnd::Failed(e)) => {
-                    let was = self.state.send_replace(ConnectionState::Disconnected);
-                    if was == ConnectionState::Connected {
-                        warn!(key = %self.key, error = %e, "etcd unreachable; load reports wait, reconnecting with backoff");
-                    }
-                    backoff.next_delay()
-                }
-            };
-            let wake = tokio::select! {
-                _ = stop.cancelled() => Some(Wake::Stop),
-                Some(reply) = revoke.recv() => Some(Wake::Revoke(reply)),
-                _ = tokio::time::sleep(delay) => None,
-            };
-            match wake {
-                Some(Wake::Stop) => return,
-                Some(Wake::Revoke(reply)) => return self.leave(reply).await,
-                Some(Wake::Ended(_)) | None => {}
-            }
-        }
-    }
-
-    /// Graceful stop: revoke the lease so the report goes at once.
-    async fn leave(mut self, reply: RevokeReply) {
-        let result = self.lease.revoke(&self.config).await;
-        match &result {
-            Ok(()) => info!(key = %self.key, "load report revoked"),
-            Err(e) => {
-                warn!(key = %self.key, error = %e, "revoke failed; the load report expires by TTL")
-            }
-        }
-        let _ = reply.send(result);
-    }
-
-    async fn session(&mut self, backoff: &mut Backoff) -> SessionEnd {
-        match self.try_session(backoff).await {
-            Ok(never) => match never {},
-            Err(end) => end,
-        }
-    }
-
-    /// One connection's worth of reporting: a lease kept alive, and the latest report
-    /// written under it, then every newer one. The keep-alive beats while a write waits.
-    async fn try_session(&mut self, backoff: &mut Backoff) -> Result<Infallible, SessionEnd> {
-        let timeout = self.config.request_timeout;
-        let mut client = self.config.connect().await?;
-        let lease = self.lease.acquire(&mut client, timeout).await?;
-        let keep_alive = KeepAlive::start(&mut client, lease, self.lease.period(), timeout)
-            .await?
-            .run();
-        let writes = async {
-            loop {
-                // The first round writes what is there: a fresh lease needs it again.
-                let value = self.latest.borrow_and_update().clone();
-                if let Some(value) = value {
-                    let put = PutOptions::new().with_lease(lease);
-                    deadline(
-                        timeout,
-                        "put",
-                        client.put(self.key.clone(), value, Some(put)),
-                    )
-                    .await?;
-                }
-                if self.state.send_replace(ConnectionState::Connected)
-                    == ConnectionState::Disconnected
-                {
-                    info!(key = %self.key, lease, "etcd reachable again; load reports written");
-                }
-                backoff.reset();
-                if self.latest.changed().await.is_err() {
-                    // The handle is gone and `stop` has fired: wait to be cancelled.
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            end = keep_alive => Err(end),
-            failed = writes => {
-                let failed: Result<Infallible, ControlError> = failed;
-                match failed {
-                    Ok(never) => match never {},
-                    Err(e) => Err(SessionEnd::Failed(e)),
-                }
-            }
-        }
+        self.registration.revoke().await
     }
 }
 
@@ -393,7 +257,7 @@ mod tests {
         }
         reporter.publish(report("other", &[(0, 0, 1)])).unwrap();
         let stored: ExpertLoadReport =
-            serde_json::from_slice(reporter.latest.borrow().as_deref().unwrap()).unwrap();
+            serde_json::from_slice(&reporter.registration.current_value()).unwrap();
         assert_eq!(stored.router, "r");
     }
 }

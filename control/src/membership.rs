@@ -153,6 +153,12 @@ impl Registration {
         Ok(())
     }
 
+    /// The value announced (or to be announced on reconnection).
+    #[cfg(test)]
+    pub(crate) fn current_value(&self) -> Vec<u8> {
+        self.value.borrow().clone()
+    }
+
     /// Replaces the announced value as is.
     pub(crate) fn update_raw(&self, value: Vec<u8>) {
         self.value.send_replace(value);

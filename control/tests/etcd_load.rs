@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use moe_control::{
-    watch_load, watch_load_reports, ConnectionState, ExpertKey, ExpertLoadReport, LoadReporter,
+    watch_load, watch_load_reports, ExpertKey, ExpertLoadReport, LoadReporter, RegistrationState,
 };
 use support::{config, wait_until, within, Etcd, TcpProxy, DEADLINE};
 
@@ -39,9 +39,11 @@ async fn two_routers_are_summed_and_leave_the_sum_when_they_go() {
     let want = load(&[((0, 0), 17), ((0, 1), 5), ((1, 3), 1)]);
     wait_until("both reports summed", &mut sum, |m| *m == want).await;
     assert!(view.is_connected());
-    wait_until("a connected", &mut a.subscribe(), |s| {
-        *s == ConnectionState::Connected
-    })
+    wait_until(
+        "a connected",
+        &mut a.subscribe(),
+        RegistrationState::is_registered,
+    )
     .await;
 
     // Each router's report on its own, keyed by router id.
@@ -86,7 +88,7 @@ async fn a_router_cut_off_past_its_ttl_drops_out_and_reports_again_on_return() {
 
     proxy.cut();
     wait_until("the cut-off writer to notice", &mut state, |s| {
-        *s == ConnectionState::Disconnected
+        *s == RegistrationState::Disconnected
     })
     .await;
     // Published while away: written once etcd is reachable again.
@@ -100,8 +102,10 @@ async fn a_router_cut_off_past_its_ttl_drops_out_and_reports_again_on_return() {
         *m == want
     })
     .await;
-    wait_until("the writer to reconnect", &mut state, |s| {
-        *s == ConnectionState::Connected
-    })
+    wait_until(
+        "the writer to reconnect",
+        &mut state,
+        RegistrationState::is_registered,
+    )
     .await;
 }
