@@ -3,6 +3,7 @@
 
 mod bench_engine;
 mod bench_serve;
+mod check_config;
 mod checkpoint_cmd;
 mod cluster_cmd;
 mod generate_cmd;

@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// Cluster name: the etcd key prefix `/moe/<cluster>/` (with `--etcd`).
     #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
     cluster: String,
+    /// With `--etcd`: the gRPC address other processes see for this router, recorded in
+    /// etcd and used for its default id (default: the --listen address, or this host's
+    /// address when listening on 0.0.0.0).
+    #[arg(long, env = "MOE_ADVERTISE")]
+    advertise: Option<String>,
     /// With `--etcd`: registered workers to wait for before the first placement.
     #[arg(long, env = "MOE_MIN_WORKERS", default_value_t = 1)]
     min_workers: usize,
@@ -98,6 +103,10 @@ pub struct ServeArgs {
     /// How long in-flight requests may take to finish on SIGTERM, in seconds.
     #[arg(long, env = "MOE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// Validate the flags and the files they name, print the effective configuration as
+    /// JSON on stdout and exit (0 when valid) without starting anything.
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// Which command is running.
@@ -105,6 +114,56 @@ pub struct ServeArgs {
 pub enum Mode {
     Standalone,
     Router,
+}
+
+/// `--check-config`: the listeners and the model are checked too, then the effective
+/// configuration is printed.
+fn check_config(a: &ServeArgs, cfg: &RouterConfig, mode: Mode) -> anyhow::Result<()> {
+    use crate::check_config as check;
+    let grpc = check::listen_addr("--listen", &a.listen)?;
+    let http = check::listen_addr("--http-listen", &a.http_listen)?;
+    if let Some(adv) = &a.advertise {
+        check::host_port("--advertise", adv)?;
+    }
+    let model = if a.model.is_some() {
+        check::model(&cfg.model_dir)?
+    } else {
+        serde_json::json!({"path": null, "builtin_demo": true})
+    };
+    let experts = match &cfg.experts {
+        ExpertSource::Local { devices } => serde_json::json!({"local_devices": devices}),
+        ExpertSource::Remote { workers } => {
+            for w in workers {
+                check::host_port("--workers", w)?;
+            }
+            serde_json::json!({"workers": workers})
+        }
+        ExpertSource::Etcd(m) => serde_json::json!({
+            "etcd": m.endpoints, "cluster": m.cluster, "min_workers": m.min_workers,
+            "router_id": m.router_id, "lease_ttl_secs": m.lease_ttl.as_secs(),
+            "rebalance_interval_secs": m.rebalance_interval.map(|d| d.as_secs()),
+            "hot_copies": m.hot_copies,
+        }),
+    };
+    check::print(&serde_json::json!({
+        "command": if mode == Mode::Standalone { "serve" } else { "router" },
+        "grpc_listen": grpc.to_string(),
+        "http_listen": http.to_string(),
+        "advertise": a.advertise.clone().unwrap_or_else(|| moe_control::advertise_address(grpc)),
+        "model": model,
+        "dtype": format!("{:?}", cfg.dtype).to_lowercase(),
+        "experts": experts,
+        "expert_replicas": cfg.replicas,
+        "max_batch_tokens": cfg.engine.max_batch_tokens,
+        "max_running": cfg.engine.max_running,
+        "max_waiting": cfg.engine.max_waiting,
+        "kv_tokens": cfg.engine.kv_capacity_tokens,
+        "dispatch_timeout_ms": cfg.dispatch.deadline.as_millis() as u64,
+        "dispatch_retries": cfg.dispatch.max_retries,
+        "mark_down_ms": cfg.dispatch.mark_down_for.as_millis() as u64,
+        "startup_timeout_secs": cfg.startup_timeout.as_secs(),
+        "drain_timeout_secs": cfg.drain_timeout.as_secs(),
+    }))
 }
 
 /// The demo checkpoint's folder: `$MOE_CACHE_DIR`, else `$XDG_CACHE_HOME/moe-cluster`,
@@ -151,6 +210,8 @@ fn demo_model() -> anyhow::Result<PathBuf> {
 pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
     let model_dir = match (&a.model, mode) {
         (Some(m), _) => m.clone(),
+        // Checking writes nothing: the demo model is described, not created.
+        (None, Mode::Standalone) if a.check_config => PathBuf::new(),
         (None, Mode::Standalone) => {
             let d = demo_model()?;
             tracing::warn!(path = %d.display(), "serving the built-in demo model: a tiny DeepSeek-V3-style checkpoint with RANDOM weights (its text is gibberish); pass --model DIR for a real one");
@@ -223,7 +284,11 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         replicas: a.expert_replicas,
         startup_timeout: Duration::from_secs(a.startup_timeout_secs),
         drain_timeout: Duration::from_secs(a.drain_timeout_secs),
+        advertise: a.advertise.clone(),
     };
+    if a.check_config {
+        return check_config(&a, &cfg, mode);
+    }
     tracing::info!(config = ?cfg, "starting router");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -40,7 +40,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "MOE_WORKER_HTTP_LISTEN", default_value = "127.0.0.1:9461")]
     http_listen: String,
     /// The address routers should use to reach this worker (default: the bound gRPC
-    /// address; set it when listening on 0.0.0.0).
+    /// address, or this host's own address, resolved from its name, when listening on
+    /// 0.0.0.0).
     #[arg(long, env = "MOE_WORKER_ADVERTISE")]
     advertise: Option<String>,
     /// Worker identifier (default: derived from the advertised address).
@@ -71,6 +72,10 @@ pub struct WorkerArgs {
     /// controller (0: unlimited). Hot-expert copies fill what the base placement leaves.
     #[arg(long, env = "MOE_CAPACITY_MIB", default_value_t = 0)]
     capacity_mib: u64,
+    /// Validate the flags and the files they name, print the effective configuration as
+    /// JSON on stdout and exit (0 when valid) without starting anything.
+    #[arg(long)]
+    check_config: bool,
     /// Test hook: the device actor that performs the Nth compute panics once.
     #[arg(long, env = "MOE_TEST_PANIC_AT_COMPUTE", hide = true)]
     test_panic_at_compute: Option<u64>,
@@ -134,7 +139,46 @@ fn incarnation() -> u64 {
     nanos ^ (u64::from(std::process::id()) << 48)
 }
 
+/// `--check-config`: flags and the checkpoint, then the effective configuration.
+fn check_config(args: &WorkerArgs) -> anyhow::Result<()> {
+    use crate::check_config as check;
+    let grpc = check::listen_addr("--listen", &args.listen)?;
+    let http = check::listen_addr("--http-listen", &args.http_listen)?;
+    if let Some(a) = &args.advertise {
+        check::host_port("--advertise", a)?;
+    }
+    moe_worker::config::parse_devices(&args.devices).context("--devices")?;
+    let model = check::model(&args.model)?;
+    if !args.etcd.is_empty() {
+        anyhow::ensure!(args.lease_ttl_secs > 0, "--lease-ttl-secs must be positive");
+        EtcdConfig::new(args.etcd.clone(), &args.cluster).context("--etcd/--cluster")?;
+    }
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| moe_control::advertise_address(grpc));
+    check::print(&serde_json::json!({
+        "command": "worker",
+        "grpc_listen": grpc.to_string(),
+        "http_listen": http.to_string(),
+        "advertise": advertise,
+        "worker_id": args.worker_id.clone().unwrap_or_else(|| moe_control::id_from_address("worker", &advertise)),
+        "model": model,
+        "devices": args.devices,
+        "dtype": format!("{:?}", args.dtype).to_lowercase(),
+        "etcd": args.etcd,
+        "cluster": args.cluster,
+        "lease_ttl_secs": args.lease_ttl_secs,
+        "capacity_mib": args.capacity_mib,
+        "drain_timeout_secs": args.drain_timeout_secs,
+        "leave_timeout_secs": args.leave_timeout_secs,
+    }))
+}
+
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    if args.check_config {
+        return check_config(&args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("moe-worker")
@@ -155,12 +199,20 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let advertise = args
         .advertise
         .clone()
-        .unwrap_or_else(|| grpc_addr.to_string());
+        .unwrap_or_else(|| moe_control::advertise_address(grpc_addr));
     if args.advertise.is_none() && grpc_addr.ip().is_unspecified() {
-        tracing::warn!(
-            %grpc_addr,
-            "listening on an unspecified address without --advertise; routers cannot reach {advertise}"
-        );
+        if advertise == grpc_addr.to_string() {
+            tracing::warn!(
+                %grpc_addr,
+                "listening on an unspecified address without --advertise, and this host's name resolves to no other address: routers cannot reach {advertise}; set --advertise"
+            );
+        } else {
+            tracing::info!(
+                %grpc_addr,
+                %advertise,
+                "listening on an unspecified address without --advertise: advertising this host's address"
+            );
+        }
     }
     let worker_id: String = args
         .worker_id

@@ -98,6 +98,35 @@ pub fn id_from_address(prefix: &str, address: &str) -> String {
     id.trim_end_matches('-').to_owned()
 }
 
+/// The address others should dial to reach a listener bound at `bound`: `bound` itself,
+/// unless it is an unspecified address (`0.0.0.0`, `[::]`), in which case this host's
+/// name is resolved (through `/etc/hosts`, where Docker and Kubernetes write the
+/// container's or pod's own IP) and its first non-loopback address is used, IPv4 first.
+/// Falls back to `bound` when nothing resolves.
+pub fn advertise_address(bound: std::net::SocketAddr) -> String {
+    use std::net::ToSocketAddrs;
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok());
+    let Some(host) = host else {
+        return bound.to_string();
+    };
+    let mut addrs: Vec<std::net::SocketAddr> = match (host.as_str(), bound.port()).to_socket_addrs()
+    {
+        Ok(a) => a.filter(|a| !a.ip().is_loopback()).collect(),
+        Err(_) => Vec::new(),
+    };
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    addrs
+        .first()
+        .map_or_else(|| bound.to_string(), |a| a.to_string())
+}
+
 /// Checks an id used as one key segment: non-empty, no `/`, printable ASCII.
 pub(crate) fn check_name(field: &'static str, name: &str) -> Result<(), ControlError> {
     if name.is_empty() {

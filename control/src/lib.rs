@@ -36,7 +36,7 @@ pub use expert_load::{
     sum_reports, watch_load, watch_load_reports, ExpertLoadReport, LoadReporter,
 };
 pub use in_process_registry::InProcessRegistry;
-pub use keys::{id_from_address, ClusterKeys};
+pub use keys::{advertise_address, id_from_address, ClusterKeys};
 pub use live_view::{ConnectionState, LiveView};
 pub use membership::{
     DeviceRecord, Membership, Registration, RegistrationState, Registry, WorkerRecord,
