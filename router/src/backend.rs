@@ -314,6 +314,38 @@ impl RemoteBackend {
         }
     }
 
+    /// Indices of the workers the routes use.
+    pub fn routed_workers(&self) -> BTreeSet<usize> {
+        self.routes
+            .read()
+            .map(|r| r.values().flatten().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The experts among `experts` that have no copy on a live worker: one the routes
+    /// use, not marked down after a failed dispatch, and not in `unreachable`.
+    pub fn experts_without_live_copy(
+        &self,
+        experts: &[(usize, u32)],
+        unreachable: &std::collections::HashSet<usize>,
+    ) -> Vec<(usize, u32)> {
+        let down = self.down_now();
+        let Ok(routes) = self.routes.read() else {
+            return experts.to_vec();
+        };
+        experts
+            .iter()
+            .filter(|e| {
+                !routes.get(e).is_some_and(|hosts| {
+                    hosts
+                        .iter()
+                        .any(|w| !down.contains(w) && !unreachable.contains(w))
+                })
+            })
+            .copied()
+            .collect()
+    }
+
     /// Routes by a placement whose copies are loaded. `worker_index` maps a device slot's
     /// worker name to the index of its client.
     /// Returns the new route epoch: once [`drained`](Self::drained) of it, no dispatch

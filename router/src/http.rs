@@ -31,6 +31,8 @@ pub struct HttpState {
     pub extra_registries: Vec<prometheus::Registry>,
     /// False once shutdown begins.
     pub serving: Arc<AtomicBool>,
+    /// Whether the router can serve now (`/health`).
+    pub readiness: Arc<crate::readiness::Readiness>,
     /// The placement in force.
     pub placement: crate::cluster_status::PlacementSource,
     /// Membership, controller and routers, with `--etcd`.
@@ -41,6 +43,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
+        .route("/health/live", get(live))
         .route("/v1/models", get(models))
         .route("/v1/cluster", get(cluster))
         .route("/v1/completions", post(completions))
@@ -56,12 +59,20 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         .into_response()
 }
 
+/// Readiness: 200 `ok` when the router can serve now, else 503 with the reason.
 async fn health(State(s): State<HttpState>) -> Response {
-    if s.serving.load(Ordering::Acquire) {
-        (StatusCode::OK, "ok").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    if !s.serving.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
+    match s.readiness.reason() {
+        None => (StatusCode::OK, "ok").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
+
+/// Liveness: 200 while the process serves HTTP at all.
+async fn live() -> &'static str {
+    "ok"
 }
 
 async fn cluster(State(s): State<HttpState>) -> Json<Value> {

@@ -8,6 +8,7 @@
 //!   workers over gRPC.
 //! - [`elastic`]: workers from the etcd membership, placement that follows it.
 //! - [`serve`]: wiring it all up, placement at start, graceful shutdown.
+//! - [`readiness`]: whether the router can serve now (health services, `/health`).
 //! - [`metrics`]: Prometheus names and the registry.
 //! - [`cluster_status`]: placement and per-expert load for operators (`/v1/cluster`).
 
@@ -18,6 +19,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod readiness;
 pub mod remote;
 pub mod request;
 pub mod scheduler;

@@ -30,6 +30,7 @@ pub const CONTROLLER_LEADER: &str = "moe_controller_is_leader";
 pub const LEADER_CHANGES: &str = "moe_controller_leader_changes_total";
 pub const ETCD_CONNECTED: &str = "moe_etcd_connected";
 pub const PLACEMENTS_PUBLISHED: &str = "moe_placements_published_total";
+pub const READY: &str = "moe_router_ready";
 
 /// Latency buckets from 1 ms to ~30 s.
 fn latency_buckets() -> Vec<f64> {
@@ -63,6 +64,7 @@ pub struct RouterMetrics {
     pub leader_changes: IntCounter,
     pub etcd_connected: IntGauge,
     pub placements_published: IntCounter,
+    pub ready: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -124,6 +126,7 @@ impl RouterMetrics {
             leader_changes: reg(&r, counter(LEADER_CHANGES, "Times this router saw a new placement controller elected (itself or another).")),
             etcd_connected: reg(&r, int_gauge(ETCD_CONNECTED, "1 while this router's membership watch is connected to etcd (serving continues on the last view when 0).")),
             placements_published: reg(&r, counter(PLACEMENTS_PUBLISHED, "Placements this router published as controller.")),
+            ready: reg(&r, int_gauge(READY, "1 while this router can serve: not draining, and every routed expert has a copy on a live worker (its readiness probe).")),
             registry: r,
         }
     }

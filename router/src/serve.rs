@@ -23,6 +23,7 @@ use crate::elastic::{self, EtcdMembership};
 use crate::grpc::Api;
 use crate::http::{router, HttpState};
 use crate::metrics::RouterMetrics;
+use crate::readiness::{self, Readiness};
 use crate::remote::WorkerClient;
 use crate::scheduler::{Engine, EngineConfig};
 
@@ -51,6 +52,9 @@ pub struct RouterConfig {
     pub startup_timeout: Duration,
     /// How long in-flight requests may take to finish on shutdown.
     pub drain_timeout: Duration,
+    /// The gRPC address other processes should use for this router (default: the bound
+    /// address, or this host's address when bound to 0.0.0.0).
+    pub advertise: Option<String>,
 }
 
 /// Addresses a started router listens on.
@@ -184,8 +188,12 @@ pub async fn run_router(
     let metrics = RouterMetrics::new();
     let mut extra_registries = Vec::new();
     let mut cluster_view = None;
-    let (backend, placement_source): (Arc<dyn ExpertBackend>, PlacementSource) = match &cfg.experts
-    {
+    let all_experts = expert_keys(&spec);
+    let (backend, placement_source, ready_source): (
+        Arc<dyn ExpertBackend>,
+        PlacementSource,
+        readiness::Source,
+    ) = match &cfg.experts {
         ExpertSource::Local { devices } => {
             let node = moe_worker::Node::start(moe_worker::NodeConfig {
                 model_dir: cfg.model_dir.clone(),
@@ -232,12 +240,20 @@ pub async fn run_router(
                 cfg.dispatch.clone(),
                 metrics.clone(),
             ));
-            (backend, Arc::new(move || placement.clone()))
+            (
+                backend,
+                Arc::new(move || placement.clone()),
+                readiness::Source::Local,
+            )
         }
         ExpertSource::Remote { .. } => {
             let backend = Arc::new(place_remote(&cfg, &spec, &metrics).await?);
             let view = backend.clone();
-            (backend, Arc::new(move || view.placement()))
+            let ready = readiness::Source::Remote {
+                backend: backend.clone(),
+                experts: all_experts.clone(),
+            };
+            (backend, Arc::new(move || view.placement()), ready)
         }
         ExpertSource::Etcd(source) => {
             let backend = Arc::new(
@@ -260,12 +276,18 @@ pub async fn run_router(
                 &spec,
                 cfg.replicas,
                 cfg.startup_timeout,
-                bound.grpc.to_string(),
+                cfg.advertise
+                    .clone()
+                    .unwrap_or_else(|| moe_control::advertise_address(bound.grpc)),
                 shutdown.child_token(),
             )
             .await?;
             let view = backend.clone();
-            (backend, Arc::new(move || view.placement()))
+            let ready = readiness::Source::Remote {
+                backend: backend.clone(),
+                experts: all_experts.clone(),
+            };
+            (backend, Arc::new(move || view.placement()), ready)
         }
     };
     let model = Arc::new(model);
@@ -287,7 +309,17 @@ pub async fn run_router(
     let serving = Arc::new(AtomicBool::new(true));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<GenerationServer<Api>>().await;
+    // NOT_SERVING until the first readiness evaluation (a few ms: one probe round).
+    health.set_not_serving::<GenerationServer<Api>>().await;
+    let readiness = Readiness::new();
+    let readiness_stop = CancellationToken::new();
+    let readiness_task = tokio::spawn(readiness::run(
+        ready_source,
+        readiness.clone(),
+        health.clone(),
+        metrics.ready.clone(),
+        readiness_stop.clone(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -306,6 +338,7 @@ pub async fn run_router(
         api,
         extra_registries,
         serving: serving.clone(),
+        readiness: readiness.clone(),
         placement: placement_source,
         cluster: cluster_view,
     });
@@ -318,7 +351,14 @@ pub async fn run_router(
     shutdown.cancelled().await;
     tracing::info!("shutting down: refusing new requests, draining in-flight ones");
     serving.store(false, Ordering::Release);
+    readiness.set_draining();
+    readiness_stop.cancel();
+    let _ = readiness_task.await;
+    metrics.ready.set(0);
     health.set_not_serving::<GenerationServer<Api>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     engine.begin_shutdown();
     if !engine.drained(cfg.drain_timeout).await {
         tracing::warn!(timeout = ?cfg.drain_timeout, "drain deadline passed with requests still running");

@@ -316,6 +316,10 @@ pub async fn serve_worker_with(
     type Svc = ExpertServiceServer<ExpertServer>;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<Svc>().await;
+    // Liveness (for orchestrators) stays SERVING while the process runs, drain included.
+    health
+        .set_service_status("liveness", tonic_health::ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
