@@ -3,6 +3,7 @@
 # Engine cannot pull (no registry reachable), unless they exist already:
 #   debian:bookworm-slim        debootstrap --variant=minbase bookworm, imported
 #   rust:<ver>-slim-bookworm    that + gcc + the host's Rust toolchain (rustc --print sysroot)
+#                               + the host's extra CA certificates (/usr/local/share/ca-certificates)
 # Where a registry is reachable, `docker pull` the real images instead; the Dockerfile
 # works with either. Images persist in the Docker Engine, so later runs are instant.
 # Installs debootstrap (Debian) when missing. Needs root for debootstrap (or sudo).
@@ -47,6 +48,10 @@ if ! have "$RUST_IMAGE"; then
   cp -a "$sysroot/bin" "$sysroot/lib" "$ctx/rust/"
   [ -d "$sysroot/libexec" ] && cp -a "$sysroot/libexec" "$ctx/rust/"
   rm -rf "$ctx/rust/lib/rustlib/src" "$ctx/rust/lib/rustlib/rustc-src"
+  mkdir -p "$ctx/extra-ca"
+  for crt in /usr/local/share/ca-certificates/*.crt; do
+    [ -e "$crt" ] && cp "$crt" "$ctx/extra-ca/"
+  done
   cp scripts/images/rust-from-host.Dockerfile "$ctx/Dockerfile"
   docker build -q --network host -t "$RUST_IMAGE" "$ctx" >/dev/null
   rm -rf "$ctx"; trap - EXIT
