@@ -99,6 +99,7 @@ fn ours(
 }
 
 /// candle-transformers' Mixtral on the same files: returns decode tokens/s.
+#[cfg(feature = "candle-reference")]
 fn candle_mixtral(
     dir: &std::path::Path,
     spec: &ModelSpec,
@@ -141,6 +142,17 @@ fn candle_mixtral(
             .argmax(candle_core::D::Minus1)?;
     }
     Ok((batch * a.decode_tokens) as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Built without the reference engine (the container image leaves it out).
+#[cfg(not(feature = "candle-reference"))]
+fn candle_mixtral(
+    _: &std::path::Path,
+    _: &ModelSpec,
+    _: usize,
+    _: &BenchEngineArgs,
+) -> anyhow::Result<f64> {
+    anyhow::bail!("this moe was built without the candle-reference feature; pass --no-candle")
 }
 
 pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
