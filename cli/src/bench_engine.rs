@@ -161,7 +161,7 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     let model = Model::load_from(&ckpt, spec.clone(), a.dtype)?;
     let experts = LocalExperts::load(&ckpt, &spec, &LocalExperts::all_of(&spec), a.dtype)?;
     let with_candle = !a.no_candle && spec.arch == Arch::Mixtral;
-    println!(
+    crate::out!(
         "engine bench: {} hidden {} layers {} experts {} top-{} vocab {}; weights {:?}; {} threads; prompt {} tokens, {} decode steps",
         spec.arch.hf_class(),
         spec.hidden_size,
@@ -174,9 +174,12 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         a.prompt_tokens,
         a.decode_tokens
     );
-    println!(
+    crate::out!(
         "{:>6} {:>16} {:>22} {:>20}",
-        "batch", "moe decode tok/s", "candle decode tok/s", "moe prefill tok/s"
+        "batch",
+        "moe decode tok/s",
+        "candle decode tok/s",
+        "moe prefill tok/s"
     );
     for &b in &a.batch {
         let (prefill, ours) = ours(&model, &experts, b, &a)?;
@@ -185,7 +188,7 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         } else {
             "n/a".to_owned()
         };
-        println!("{b:>6} {ours:>16.1} {theirs:>22} {prefill:>20.0}");
+        crate::out!("{b:>6} {ours:>16.1} {theirs:>22} {prefill:>20.0}");
     }
     Ok(())
 }

@@ -260,7 +260,7 @@ async fn run_async(args: BenchServeArgs) -> anyhow::Result<()> {
             "itl_ms": { "p50": itl50, "p99": itl99, "mean": itl_mean },
             "e2e_ms": { "p50": e2e50, "p99": e2e99 },
         });
-        println!("{obj}");
+        crate::out!("{obj}");
         return Ok(());
     }
     let codes: Vec<String> = errors.iter().map(|(c, n)| format!("{c}: {n}")).collect();
@@ -269,32 +269,35 @@ async fn run_async(args: BenchServeArgs) -> anyhow::Result<()> {
     } else {
         format!(" ({})", codes.join(", "))
     };
-    println!(
+    crate::out!(
         "target {target}: concurrency {}, prompt {} tokens, max {} tokens, warmup {}",
-        a.concurrency, a.prompt_tokens, a.max_tokens, a.warmup
+        a.concurrency,
+        a.prompt_tokens,
+        a.max_tokens,
+        a.warmup
     );
-    println!("requests:        {ok} ok, {failed} failed{codes}");
+    crate::out!("requests:        {ok} ok, {failed} failed{codes}");
     if short > 0 {
-        println!(
+        crate::out!(
             "warning:         {short} ok requests returned != {} tokens",
             a.max_tokens
         );
     }
-    println!("wall time:       {wall:.3} s");
-    println!("output tokens/s: {tok_s:.1} ({tokens} tokens)");
-    println!("requests/s:      {req_s:.2}");
-    println!(
+    crate::out!("wall time:       {wall:.3} s");
+    crate::out!("output tokens/s: {tok_s:.1} ({tokens} tokens)");
+    crate::out!("requests/s:      {req_s:.2}");
+    crate::out!(
         "TTFT ms:         p50 {}  p99 {}  mean {}",
         fmt(ttft50),
         fmt(ttft99),
         fmt(ttft_mean)
     );
-    println!(
+    crate::out!(
         "ITL ms:          p50 {}  p99 {}  mean {}",
         fmt(itl50),
         fmt(itl99),
         fmt(itl_mean)
     );
-    println!("E2E ms:          p50 {}  p99 {}", fmt(e2e50), fmt(e2e99));
+    crate::out!("E2E ms:          p50 {}  p99 {}", fmt(e2e50), fmt(e2e99));
     Ok(())
 }

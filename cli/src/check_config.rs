@@ -44,9 +44,6 @@ pub fn model(dir: &Path) -> anyhow::Result<Value> {
 
 /// Prints the effective configuration (one line of JSON) and returns.
 pub fn print(config: &Value) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{config}")?;
-    out.flush()?;
+    crate::out!("{config}");
     Ok(())
 }

@@ -97,7 +97,7 @@ pub fn run(cmd: CheckpointCommand) -> anyhow::Result<()> {
             };
             let spec = tiny::write(&a.out, &opts)
                 .with_context(|| format!("writing checkpoint to {}", a.out.display()))?;
-            println!(
+            crate::out!(
                 "wrote {} checkpoint ({} layers, {} experts top-{}, hidden {}, vocab {}) with random weights to {}",
                 spec.arch.hf_class(),
                 spec.num_layers,

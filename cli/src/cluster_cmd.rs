@@ -73,7 +73,7 @@ fn experts_summary(list: &[Value]) -> String {
 
 /// The etcd side: controller, routers, workers, a placement being loaded.
 fn print_membership(m: &Value) {
-    println!(
+    crate::out!(
         "cluster {} | controller {} | this router {} ({}) | etcd {}",
         m["cluster"].as_str().unwrap_or("?"),
         m["controller"].as_str().unwrap_or("none"),
@@ -90,7 +90,7 @@ fn print_membership(m: &Value) {
         },
     );
     for r in m["routers"].as_array().into_iter().flatten() {
-        println!(
+        crate::out!(
             "  router {:<28} {:<22} routes by placement {}",
             r["id"].as_str().unwrap_or("?"),
             r["address"].as_str().unwrap_or("?"),
@@ -103,7 +103,7 @@ fn print_membership(m: &Value) {
             (Some(true), _) => "ready",
             _ => "joining (not routed yet)",
         };
-        println!(
+        crate::out!(
             "  worker {:<28} {:<22} {}",
             w["id"].as_str().unwrap_or("?"),
             w["address"].as_str().unwrap_or("?"),
@@ -117,7 +117,7 @@ fn print_membership(m: &Value) {
             .flatten()
             .map(|d| d["experts"].as_array().map_or(0, Vec::len))
             .sum();
-        println!(
+        crate::out!(
             "  loading placement {} ({n} expert copies), not routed to until ready",
             l["version"]
         );
@@ -129,16 +129,16 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     let body = get(&a.router, "/v1/cluster")?;
     let v: Value = serde_json::from_str(&body).context("the router's /v1/cluster is not JSON")?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::out!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("placement version {}", v["placement_version"]);
+    crate::out!("placement version {}", v["placement_version"]);
     if let Some(m) = v.get("membership").filter(|m| m.is_object()) {
         print_membership(m);
     }
     let missing = v["missing_experts"].as_array().map(Vec::len).unwrap_or(0);
     if missing > 0 {
-        println!(
+        crate::out!(
             "WARNING: {missing} experts have no copy: {}",
             experts_summary(
                 v["missing_experts"]
@@ -148,13 +148,16 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             )
         );
     }
-    println!(
+    crate::out!(
         "{:<24} {:<8} {:>8} {:>12}  experts",
-        "worker", "device", "experts", "tokens"
+        "worker",
+        "device",
+        "experts",
+        "tokens"
     );
     for d in v["devices"].as_array().into_iter().flatten() {
         let list = d["experts"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-        println!(
+        crate::out!(
             "{:<24} {:<8} {:>8} {:>12}  {}",
             d["worker"].as_str().unwrap_or("?"),
             d["device"].as_str().unwrap_or("?"),
@@ -163,19 +166,22 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             experts_summary(list)
         );
     }
-    println!(
+    crate::out!(
         "device load max/mean: {:.2}",
         v["device_load_max_over_mean"].as_f64().unwrap_or(0.0)
     );
     let mut experts: Vec<&Value> = v["experts"].as_array().into_iter().flatten().collect();
     experts.sort_by_key(|e| std::cmp::Reverse(e["tokens"].as_u64().unwrap_or(0)));
-    println!("hottest experts:");
-    println!(
+    crate::out!("hottest experts:");
+    crate::out!(
         "{:>6} {:>7} {:>12} {:>7}",
-        "layer", "expert", "tokens", "copies"
+        "layer",
+        "expert",
+        "tokens",
+        "copies"
     );
     for e in experts.iter().take(a.top) {
-        println!(
+        crate::out!(
             "{:>6} {:>7} {:>12} {:>7}",
             e["layer"].as_u64().unwrap_or(0),
             e["expert"].as_u64().unwrap_or(0),

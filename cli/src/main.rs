@@ -9,6 +9,7 @@ mod cluster_cmd;
 mod generate_cmd;
 mod serve_cmd;
 mod signals;
+mod stdout;
 mod worker_cmd;
 
 use clap::{Parser, Subcommand};

@@ -103,6 +103,18 @@ pub struct ServeArgs {
     /// How long in-flight requests may take to finish on SIGTERM, in seconds.
     #[arg(long, env = "MOE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// Names clients use for the model in the HTTP API (`model`, `/v1/models`); repeat
+    /// or separate with commas for aliases; the first is the default. Default: the
+    /// checkpoint folder's name.
+    #[arg(
+        long = "served-model-name",
+        env = "MOE_SERVED_MODEL_NAME",
+        value_delimiter = ','
+    )]
+    served_model_name: Vec<String>,
+    /// A Jinja chat template file for /v1/chat/completions, replacing the checkpoint's.
+    #[arg(long, env = "MOE_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
     /// Validate the flags and the files they name, print the effective configuration as
     /// JSON on stdout and exit (0 when valid) without starting anything.
     #[arg(long)]
@@ -163,6 +175,14 @@ fn check_config(a: &ServeArgs, cfg: &RouterConfig, mode: Mode) -> anyhow::Result
         "mark_down_ms": cfg.dispatch.mark_down_for.as_millis() as u64,
         "startup_timeout_secs": cfg.startup_timeout.as_secs(),
         "drain_timeout_secs": cfg.drain_timeout.as_secs(),
+        "served_model_names": if !cfg.served_model_names.is_empty() {
+            cfg.served_model_names.clone()
+        } else if a.model.is_none() {
+            vec![DEMO_DIR_NAME.to_owned()]
+        } else {
+            vec![moe_router::serve::default_model_name(&cfg.model_dir)]
+        },
+        "chat_template": cfg.chat_template.as_ref().map(|p| p.display().to_string()),
     }))
 }
 
@@ -181,9 +201,12 @@ fn cache_dir() -> PathBuf {
     }
 }
 
+/// The demo checkpoint's folder name, also its default served name.
+const DEMO_DIR_NAME: &str = "demo-deepseek_v3-tiny-seed0";
+
 /// Writes the built-in demo model on first use (deterministic: seed 0).
 fn demo_model() -> anyhow::Result<PathBuf> {
-    let dir = cache_dir().join("demo-deepseek_v3-tiny-seed0");
+    let dir = cache_dir().join(DEMO_DIR_NAME);
     if dir.join("config.json").exists() && dir.join("model.safetensors").exists() {
         return Ok(dir);
     }
@@ -205,6 +228,18 @@ fn demo_model() -> anyhow::Result<PathBuf> {
     std::fs::rename(&tmp, &dir)
         .with_context(|| format!("moving the demo model to {}", dir.display()))?;
     Ok(dir)
+}
+
+/// `--served-model-name` values: trimmed, non-empty, each once.
+fn served_names(given: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for n in given.iter().map(|n| n.trim()) {
+        anyhow::ensure!(!n.is_empty(), "--served-model-name: a name is empty");
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_owned());
+        }
+    }
+    Ok(out)
 }
 
 pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
@@ -285,6 +320,8 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         startup_timeout: Duration::from_secs(a.startup_timeout_secs),
         drain_timeout: Duration::from_secs(a.drain_timeout_secs),
         advertise: a.advertise.clone(),
+        served_model_names: served_names(&a.served_model_name)?,
+        chat_template: a.chat_template.clone(),
     };
     if a.check_config {
         return check_config(&a, &cfg, mode);
@@ -306,13 +343,16 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         });
         let name = if mode == Mode::Standalone { "serve" } else { "router" };
         run_router(cfg, grpc, http, shutdown, |b| {
-            println!("moe {name} listening grpc={} http={}", b.grpc, b.http);
-            println!(
+            // A closed stdout must not stop the server: these lines are only a courtesy.
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "moe {name} listening grpc={} http={}", b.grpc, b.http);
+            let _ = writeln!(
+                out,
                 "try: curl -s http://{}/v1/completions -H 'content-type: application/json' -d '{{\"prompt\": \"Hello\", \"max_tokens\": 16, \"temperature\": 0}}'",
                 b.http
             );
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
+            let _ = out.flush();
         })
         .await
     })

@@ -9,6 +9,7 @@
 //! - [`tiny`]: writes small random-weight checkpoints in the exact Hugging Face format.
 
 pub mod attention;
+pub mod chat_templates;
 pub mod checkpoint;
 pub mod config;
 pub mod demo_tokenizer;

@@ -616,6 +616,18 @@ pub fn write(dir: &Path, opts: &TinyOptions) -> Result<ModelSpec, ModelError> {
         path: dir.join("tokenizer.json"),
         reason: e.to_string(),
     })?;
+    // The architecture's own chat template replaces the generic one.
+    let tc_path = dir.join(crate::tokenizer::TOKENIZER_CONFIG_FILE);
+    let mut tc: serde_json::Value = std::fs::read_to_string(&tc_path)
+        .map_err(io_err(&tc_path))
+        .and_then(|t| {
+            serde_json::from_str(&t).map_err(|e| ModelError::Checkpoint {
+                path: tc_path.clone(),
+                reason: e.to_string(),
+            })
+        })?;
+    tc["chat_template"] = json!(crate::chat_templates::for_arch(opts.arch));
+    write_json(tc_path, &tc)?;
 
     let max_shard = opts.max_shard_bytes.unwrap_or(1 << 30);
     let mut shards: Vec<Vec<(String, Blob)>> = vec![Vec::new()];

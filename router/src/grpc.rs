@@ -28,6 +28,8 @@ pub struct Api {
     pub tokenizer: Arc<Tokenizer>,
     pub spec: Arc<ModelSpec>,
     pub model_path: String,
+    /// The names clients may ask for (`--served-model-name`); never empty.
+    pub served_model_names: Arc<Vec<String>>,
     pub metrics: RouterMetrics,
 }
 
@@ -148,6 +150,7 @@ impl Generation for Api {
             top_k: s.moe.top_k as u32,
             max_context_tokens: s.max_position_embeddings as u32,
             model_path: self.model_path.clone(),
+            served_model_names: self.served_model_names.to_vec(),
         }))
     }
 }

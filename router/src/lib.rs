@@ -1,7 +1,9 @@
 //! moe-router: the serving front of moe-cluster.
 //!
-//! - [`grpc`] and [`http`]: the client APIs (gRPC `moe.v1.Generation`; HTTP
-//!   `/v1/completions`, `/metrics`, `/health`), over one [`grpc::Api`].
+//! - [`grpc`] and [`http`]: the client APIs (gRPC `moe.v1.Generation`; HTTP: the
+//!   OpenAI-compatible `/v1/completions`, `/v1/chat/completions`, `/v1/models`, plus
+//!   `/metrics`, `/health`), over one [`grpc::Api`].
+//! - [`chat_template`]: the checkpoint's Jinja chat template, for `/v1/chat/completions`.
 //! - [`request`]: client request → validated `SequenceRequest`.
 //! - [`scheduler`]: the engine thread with continuous batching.
 //! - [`backend`] and [`remote`]: the expert backends — device actors in this process, or
@@ -13,6 +15,7 @@
 //! - [`cluster_status`]: placement and per-expert load for operators (`/v1/cluster`).
 
 pub mod backend;
+pub mod chat_template;
 pub mod cluster_status;
 pub mod elastic;
 pub mod error;

@@ -55,6 +55,19 @@ pub struct RouterConfig {
     /// The gRPC address other processes should use for this router (default: the bound
     /// address, or this host's address when bound to 0.0.0.0).
     pub advertise: Option<String>,
+    /// Names the model is served under (`/v1/models`, the `model` field); empty: the
+    /// checkpoint folder's name.
+    pub served_model_names: Vec<String>,
+    /// A Jinja file that replaces the checkpoint's chat template.
+    pub chat_template: Option<PathBuf>,
+}
+
+/// The default served name: the checkpoint folder's name, never a path.
+pub fn default_model_name(dir: &std::path::Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "model".to_owned())
 }
 
 /// Addresses a started router listens on.
@@ -177,6 +190,12 @@ pub async fn run_router(
     };
     let spec = ModelSpec::from_dir(&cfg.model_dir)?;
     let tokenizer = Arc::new(Tokenizer::from_dir(&cfg.model_dir)?);
+    let chat_template =
+        crate::chat_template::ChatTemplate::load(&cfg.model_dir, cfg.chat_template.as_deref())?
+            .map(Arc::new);
+    if chat_template.is_none() {
+        tracing::warn!("the model has no chat template: /v1/chat/completions answers 400 (pass --chat-template FILE)");
+    }
     let model = {
         let (dir, spec, dtype) = (cfg.model_dir.clone(), spec.clone(), cfg.dtype);
         tokio::task::spawn_blocking(move || -> anyhow::Result<Model> {
@@ -304,6 +323,11 @@ pub async fn run_router(
         tokenizer,
         spec: Arc::new(spec),
         model_path: cfg.model_dir.display().to_string(),
+        served_model_names: Arc::new(if cfg.served_model_names.is_empty() {
+            vec![default_model_name(&cfg.model_dir)]
+        } else {
+            cfg.served_model_names.clone()
+        }),
         metrics: metrics.clone(),
     };
     let serving = Arc::new(AtomicBool::new(true));
@@ -324,10 +348,16 @@ pub async fn run_router(
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // grpcio-reflection and older tools still ask v1alpha.
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let grpc_stop = CancellationToken::new();
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(GenerationServer::new(api.clone()))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
@@ -341,6 +371,8 @@ pub async fn run_router(
         readiness: readiness.clone(),
         placement: placement_source,
         cluster: cluster_view,
+        chat_template,
+        created: crate::http::unix_now(),
     });
     let http =
         axum::serve(http_listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());

@@ -324,6 +324,11 @@ pub async fn serve_worker_with(
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // grpcio-reflection and older tools still ask v1alpha.
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let tracker = TaskTracker::new();
     let expert = with_limits(
         ExpertServer::new(
@@ -343,6 +348,7 @@ pub async fn serve_worker_with(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(expert)
         .serve_with_incoming_shutdown(incoming, grpc_stop.clone().cancelled_owned());
     let mut grpc_task = tokio::spawn(grpc);

@@ -1,0 +1,85 @@
+//! One HTTP request, many engine requests: every prompt × `n` sample is its own sequence
+//! in the engine (batched with everything else), and its events come back tagged with
+//! the choice's index. Dropping the receivers (a client that left, or one choice that
+//! failed) frees every sequence of the request at once.
+
+use futures::stream::{self, Stream, StreamExt};
+use moe_model::{FinishReason, Sampled};
+use tokio::sync::mpsc::Receiver;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::errors::ApiError;
+use crate::grpc::Api;
+use crate::request::ClientRequest;
+use crate::scheduler::{Event, Usage};
+use crate::ServeError;
+
+/// Submits every request (in choice order); the first refusal fails them all.
+pub fn start(api: &Api, reqs: Vec<ClientRequest>) -> Result<Vec<Receiver<Event>>, ApiError> {
+    let base = Api::new_request_id("");
+    reqs.into_iter()
+        .enumerate()
+        .map(|(i, r)| api.start(r, format!("{base}-{i}")).map_err(ApiError::from))
+        .collect()
+}
+
+/// A finished choice.
+#[derive(Debug, Default)]
+pub struct Finished {
+    pub tokens: Vec<Sampled>,
+    pub text: String,
+    pub reason: Option<FinishReason>,
+    pub usage: Usage,
+}
+
+/// Waits for every choice; the first failure fails the request.
+pub async fn collect(rxs: Vec<Receiver<Event>>) -> Result<Vec<Finished>, ApiError> {
+    let all = futures::future::join_all(rxs.into_iter().map(|mut rx| async move {
+        let mut f = Finished::default();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Tokens { tokens, text } => {
+                    f.tokens.extend(tokens);
+                    f.text.push_str(&text);
+                }
+                Event::Done { reason, usage } => {
+                    f.reason = Some(reason);
+                    f.usage = usage;
+                    return Ok(f);
+                }
+                Event::Error(e) => return Err(ApiError::from(e)),
+            }
+        }
+        Err(ApiError::from(ServeError::Internal(
+            "the request ended without a result".into(),
+        )))
+    }))
+    .await;
+    all.into_iter().collect()
+}
+
+/// Every choice's events as they come, tagged with the choice index.
+pub fn merged(rxs: Vec<Receiver<Event>>) -> impl Stream<Item = (usize, Event)> + Send {
+    stream::select_all(
+        rxs.into_iter()
+            .enumerate()
+            .map(|(i, rx)| ReceiverStream::new(rx).map(move |ev| (i, ev)).boxed()),
+    )
+}
+
+/// OpenAI's `usage`: prompts counted once each (not once per sample).
+pub fn usage_json(prompt_tokens: u32, completion_tokens: u32) -> serde_json::Value {
+    serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                       "total_tokens": prompt_tokens + completion_tokens})
+}
+
+/// Sums usage over choices where choice `i` belongs to prompt `i / n`.
+pub fn total_usage(usages: &[Usage], n: usize) -> serde_json::Value {
+    let prompt: u32 = usages
+        .iter()
+        .step_by(n.max(1))
+        .map(|u| u.prompt_tokens)
+        .sum();
+    let completion: u32 = usages.iter().map(|u| u.completion_tokens).sum();
+    usage_json(prompt, completion)
+}

@@ -1,0 +1,116 @@
+//! The router's HTTP port: Prometheus `/metrics`, `/health`, `/v1/cluster`, and the
+//! OpenAI-compatible API over the same engine as the gRPC API: `/v1/completions`,
+//! `/v1/chat/completions` (JSON, or server-sent events with `"stream": true`) and
+//! `/v1/models`. Every error of the API is in OpenAI's shape ([`errors`]).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::chat_template::ChatTemplate;
+use crate::grpc::Api;
+
+mod chat;
+mod choices;
+mod completions;
+pub mod errors;
+mod logprobs;
+mod models;
+mod params;
+
+/// Largest request body, bytes (axum's default is 2 MiB; long prompts of token ids need more).
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+
+/// State of the HTTP handlers.
+#[derive(Clone)]
+pub struct HttpState {
+    pub api: Api,
+    /// Registries of in-process workers, rendered after the router's own.
+    pub extra_registries: Vec<prometheus::Registry>,
+    /// False once shutdown begins.
+    pub serving: Arc<AtomicBool>,
+    /// Whether the router can serve now (`/health`).
+    pub readiness: Arc<crate::readiness::Readiness>,
+    /// The placement in force.
+    pub placement: crate::cluster_status::PlacementSource,
+    /// Membership, controller and routers, with `--etcd`.
+    pub cluster: Option<Arc<crate::elastic::ClusterView>>,
+    /// The chat template; `None`: chat requests get a 400.
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    /// When the router started (Unix seconds): the models' `created`.
+    pub created: u64,
+}
+
+pub fn router(state: HttpState) -> Router {
+    let api = Router::new()
+        .route("/v1/models", get(models::list))
+        .route("/v1/completions", post(completions::handle))
+        .route("/v1/chat/completions", post(chat::handle))
+        .fallback(errors::not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(errors::openai_shape));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/health/live", get(live))
+        .route("/v1/cluster", get(cluster))
+        .merge(api)
+        .with_state(state)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Server-sent events: one `data:` line per JSON value, then `data: [DONE]`.
+fn sse(s: impl futures::Stream<Item = Value> + Send + 'static) -> Response {
+    let events = s.map(|v| Ok::<_, Infallible>(SseEvent::default().data(v.to_string())));
+    let done = futures::stream::once(async { Ok(SseEvent::default().data("[DONE]")) });
+    Sse::new(events.chain(done)).into_response()
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    let extra: Vec<&prometheus::Registry> = s.extra_registries.iter().collect();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.api.metrics.render(&extra),
+    )
+        .into_response()
+}
+
+/// Readiness: 200 `ok` when the router can serve now, else 503 with the reason.
+async fn health(State(s): State<HttpState>) -> Response {
+    if !s.serving.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    match s.readiness.reason() {
+        None => (StatusCode::OK, "ok").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
+
+/// Liveness: 200 while the process serves HTTP at all.
+async fn live() -> &'static str {
+    "ok"
+}
+
+async fn cluster(State(s): State<HttpState>) -> Json<Value> {
+    let mut v = crate::cluster_status::status(&(s.placement)(), &s.api.spec, &s.api.metrics);
+    if let Some(view) = &s.cluster {
+        v["membership"] = view.to_json();
+    }
+    Json(v)
+}
