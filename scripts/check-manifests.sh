@@ -29,7 +29,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MOE="${1:-$ROOT/target/debug/moe}"
 case "$MOE" in
     /*) ;;
-    *) if [[ -e "$MOE" ]]; then MOE="$PWD/$MOE"; else MOE="$ROOT/$MOE"; fi ;;
+    *) if [[ -e "$MOE" ]]; then MOE="${PWD%/}/$MOE"; else MOE="$ROOT/$MOE"; fi ;;
 esac
 if [[ ! -x "$MOE" ]]; then
     echo "check-manifests: no executable moe binary at $MOE (build it: cargo build -p moe-cli)" >&2
