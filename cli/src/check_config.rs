@@ -28,6 +28,21 @@ pub fn host_port(flag: &str, addr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks that an address others will dial is not an unspecified one (`0.0.0.0:P`),
+/// which is what the default advertised address falls back to when this host's name
+/// resolves to no other address.
+pub fn dialable(flag: &str, advertised: &str) -> anyhow::Result<()> {
+    if advertised
+        .parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified())
+    {
+        anyhow::bail!(
+            "{flag} is an unspecified address and this host's name resolves to no other: others cannot dial {advertised}; set --advertise"
+        );
+    }
+    Ok(())
+}
+
 /// Opens the checkpoint's config and tokenizer and describes the model.
 pub fn model(dir: &Path) -> anyhow::Result<Value> {
     let spec = ModelSpec::from_dir(dir)

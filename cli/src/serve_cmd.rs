@@ -26,13 +26,9 @@ pub struct ServeArgs {
     /// HTTP listen address: /v1/completions, /metrics, /health.
     #[arg(long, env = "MOE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     http_listen: String,
-    /// In-process devices, one expert actor each (`moe serve` only).
-    #[arg(
-        long,
-        env = "MOE_DEVICES",
-        value_delimiter = ',',
-        default_value = "cpu:0,cpu:1"
-    )]
+    /// In-process devices, one expert actor each (`moe serve` only; default
+    /// `cpu:0,cpu:1`). A router hosts no experts, so it refuses this flag.
+    #[arg(long, env = "MOE_DEVICES", value_delimiter = ',')]
     devices: Vec<String>,
     /// Worker addresses, host:port (`moe router` only).
     #[arg(long, env = "MOE_WORKERS", value_delimiter = ',')]
@@ -136,6 +132,8 @@ fn check_config(a: &ServeArgs, cfg: &RouterConfig, mode: Mode) -> anyhow::Result
     let http = check::listen_addr("--http-listen", &a.http_listen)?;
     if let Some(adv) = &a.advertise {
         check::host_port("--advertise", adv)?;
+    } else if matches!(cfg.experts, ExpertSource::Etcd(_)) {
+        check::dialable("--listen", &moe_control::advertise_address(grpc))?;
     }
     let model = if a.model.is_some() {
         check::model(&cfg.model_dir)?
@@ -257,13 +255,19 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
     let experts = match mode {
         Mode::Standalone => {
             anyhow::ensure!(
-                !a.devices.is_empty(),
-                "--devices must name at least one device"
+                a.etcd.is_empty() && a.workers.is_empty(),
+                "--etcd and --workers are `moe router` flags: `moe serve` hosts its experts in-process (--devices)"
             );
-            ExpertSource::Local {
-                devices: a.devices.clone(),
-            }
+            let devices = if a.devices.is_empty() {
+                vec!["cpu:0".to_owned(), "cpu:1".to_owned()]
+            } else {
+                a.devices.clone()
+            };
+            ExpertSource::Local { devices }
         }
+        Mode::Router if !a.devices.is_empty() => anyhow::bail!(
+            "--devices (MOE_DEVICES) is a `moe serve`/`moe worker` flag: a router hosts no experts"
+        ),
         Mode::Router if !a.etcd.is_empty() => {
             anyhow::ensure!(
                 a.workers.is_empty(),

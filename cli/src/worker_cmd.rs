@@ -146,6 +146,8 @@ fn check_config(args: &WorkerArgs) -> anyhow::Result<()> {
     let http = check::listen_addr("--http-listen", &args.http_listen)?;
     if let Some(a) = &args.advertise {
         check::host_port("--advertise", a)?;
+    } else if !args.etcd.is_empty() {
+        check::dialable("--listen", &moe_control::advertise_address(grpc))?;
     }
     moe_worker::config::parse_devices(&args.devices).context("--devices")?;
     let model = check::model(&args.model)?;
@@ -202,9 +204,13 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| moe_control::advertise_address(grpc_addr));
     if args.advertise.is_none() && grpc_addr.ip().is_unspecified() {
         if advertise == grpc_addr.to_string() {
+            // With etcd the advertised address is what routers dial: refuse a useless one.
+            if !args.etcd.is_empty() {
+                anyhow::bail!("listening on {grpc_addr} and this host's name resolves to no other address: set --advertise to the address routers dial");
+            }
             tracing::warn!(
                 %grpc_addr,
-                "listening on an unspecified address without --advertise, and this host's name resolves to no other address: routers cannot reach {advertise}; set --advertise"
+                "listening on an unspecified address without --advertise, and this host's name resolves to no other address: set --advertise"
             );
         } else {
             tracing::info!(

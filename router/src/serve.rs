@@ -169,6 +169,21 @@ async fn place_remote(
     Ok(backend)
 }
 
+/// The gRPC address this router records in etcd: `--advertise`, or what the bound
+/// address resolves to; an unspecified address (nobody can dial it) is refused.
+fn advertised(cfg: &RouterConfig, bound: SocketAddr) -> anyhow::Result<String> {
+    if let Some(a) = &cfg.advertise {
+        return Ok(a.clone());
+    }
+    let a = moe_control::advertise_address(bound);
+    if a.parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified())
+    {
+        anyhow::bail!("listening on {bound} and this host's name resolves to no other address: set --advertise to the address other routers and operators can dial");
+    }
+    Ok(a)
+}
+
 fn log_plan(p: &PlacementPlan) {
     for (slot, experts) in &p.assignments {
         tracing::info!(worker = %slot.worker, device = %slot.device, experts = experts.len(), version = p.version, "placement");
@@ -295,9 +310,7 @@ pub async fn run_router(
                 &spec,
                 cfg.replicas,
                 cfg.startup_timeout,
-                cfg.advertise
-                    .clone()
-                    .unwrap_or_else(|| moe_control::advertise_address(bound.grpc)),
+                advertised(&cfg, bound.grpc)?,
                 shutdown.child_token(),
             )
             .await?;
