@@ -42,8 +42,10 @@ mkdir -p "$root/opt/rust"
 cp -a "$sysroot/bin" "$sysroot/lib" "$root/opt/rust/"
 [ -d "$sysroot/libexec" ] && cp -a "$sysroot/libexec" "$root/opt/rust/"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
-mkdir -p "$root/etc/ssl/certs"
+mkdir -p "$root/etc/ssl/certs" "$root/usr/local/share/ca-certificates"
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+# Kept if a package later installs ca-certificates and regenerates the bundle.
+cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/" 2>/dev/null || true
 
 for m in proc sys dev dev/pts; do
   mkdir -p "$root/$m"; mount --bind "/$m" "$root/$m"; mounts+=("$root/$m")
@@ -61,7 +63,8 @@ git -C "$root/root/moe-cluster" checkout -q "$commit"
 in_root() {
   chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
     PATH=/opt/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt CI="${CI:-}" \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    CI="${CI:-}" \
     bash -c "cd /root/moe-cluster && $1"
 }
 log "what the root has: $(in_root 'command -v cc protoc etcd promtool python3 docker chromium || true' | tr '\n' ' ')"
