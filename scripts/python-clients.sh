@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Makes (or reuses) the Python venv with the client libraries the end-to-end client tests
+# drive (the official `openai` package; grpcio and its tools for the gRPC client) and
+# prints the venv's python path on stdout. Cached: a venv whose pins match is reused.
+#   MOE_CLIENTS_VENV  where the venv lives (default ~/.cache/moe-cluster/venv-clients)
+set -euo pipefail
+
+venv="${MOE_CLIENTS_VENV:-$HOME/.cache/moe-cluster/venv-clients}"
+pins=(openai==3.51.0 grpcio==1.85.1 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1)
+stamp="$venv/.moe-pins"
+
+if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "${pins[*]}" ]]; then
+    echo "$venv/bin/python"
+    exit 0
+fi
+
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo "python-clients.sh: installing python3-venv" >&2
+    sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo=sudo
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv >&2
+fi
+
+rm -rf "$venv"
+mkdir -p "$(dirname "$venv")"
+python3 -m venv "$venv" >&2
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "${pins[@]}" >&2
+echo "${pins[*]}" > "$stamp"
+echo "$venv/bin/python"
