@@ -1,0 +1,121 @@
+//! A grpcio client nobody here wrote, with stubs generated from `proto/` at test time by
+//! grpcio-tools, against `moe serve`: streaming Generate (greedy tokens and text equal to
+//! `moe generate`'s), INVALID_ARGUMENT, Tokenize, ModelInfo (served names),
+//! `grpc.health.v1` through grpcio-health-checking and the service list through
+//! grpcio-reflection, which asks reflection `v1alpha`. Runs `tests/python/grpc_client.py`
+//! with `$MOE_CLIENTS_PYTHON`, else the venv of `scripts/python-clients.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use moe_tests::{path_str, run_moe, tiny_checkpoint, Proc};
+use serde_json::{json, Value};
+
+const MAX_TOKENS: u32 = 6;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
+}
+
+fn clients_python() -> String {
+    if let Ok(p) = std::env::var("MOE_CLIENTS_PYTHON") {
+        return p;
+    }
+    let script = repo_root().join("scripts/python-clients.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .lines()
+        .last()
+        .expect("the script prints the python path")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn grpcio_client_generates_checks_health_and_reflects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_checkpoint(dir.path(), 5);
+    let prompts = [json!("The café opens at"), json!([5, 6, 7, 8])];
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out.jsonl");
+    let lines: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let mut v = json!({"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": true});
+            match p {
+                Value::String(s) => v["prompt"] = json!(s),
+                ids => v["prompt_token_ids"] = ids.clone(),
+            }
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
+    let args = [
+        "generate",
+        "--model",
+        path_str(&model),
+        "--input",
+        path_str(&input),
+        "--output",
+        path_str(&output),
+    ];
+    run_moe(&args, true);
+    let cases: Vec<Value> = std::fs::read_to_string(&output)
+        .expect("read output")
+        .lines()
+        .zip(&prompts)
+        .map(|(l, p)| {
+            let v: Value = serde_json::from_str(l).expect("JSON line");
+            json!({"prompt": p, "token_ids": v["token_ids"], "text": v["text"]})
+        })
+        .collect();
+    let serve = Proc::serve(&model, &["--served-model-name", "tiny,alias"]);
+    // Tokenize must agree with the checkpoint's tokenizer loaded here.
+    let tok_text = "Hello world";
+    let expected = json!({
+        "max_tokens": MAX_TOKENS,
+        "cases": cases,
+        "served_model_names": ["tiny", "alias"],
+        "tokenize": {"text": tok_text, "ids": tokenize_offline(&model, tok_text)},
+    });
+    let exp_file = dir.path().join("expected.json");
+    std::fs::write(&exp_file, expected.to_string()).expect("write expectations");
+    let python = clients_python();
+    let script = repo_root().join("tests/python/grpc_client.py");
+    let proto_dir = repo_root().join("proto/proto");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(serve.grpc.to_string())
+        .arg(&proto_dir)
+        .arg(&exp_file)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "`{python} {} …` failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{}\n--- server ---\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        serve.describe()
+    );
+}
+
+/// `text` through the tokenizer the checkpoint ships, with special tokens (BOS).
+fn tokenize_offline(model: &Path, text: &str) -> Vec<u32> {
+    let tok = moe_model::Tokenizer::from_dir(model).expect("tokenizer");
+    tok.encode(text, true).expect("encode")
+}
