@@ -183,4 +183,48 @@ mod tests {
         assert_eq!(e.status.as_u16(), 404);
         assert_eq!(e.body()["error"]["code"], "model_not_found");
     }
+
+    #[tokio::test]
+    async fn axum_rejections_get_the_openai_shape() {
+        use tower::ServiceExt;
+        let app = axum::Router::new()
+            .route(
+                "/echo",
+                axum::routing::post(|b: axum::body::Bytes| async move { b }),
+            )
+            .fallback(not_found)
+            .layer(axum::extract::DefaultBodyLimit::max(8))
+            .layer(axum::middleware::from_fn(openai_shape));
+        let call = |method: &str, uri: &str, body: &'static str| {
+            let req = axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(axum::body::Body::from(body))
+                .unwrap();
+            let app = app.clone();
+            async move {
+                let res = app.oneshot(req).await.unwrap();
+                let status = res.status().as_u16();
+                let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&bytes).into_owned())
+            }
+        };
+        let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+        let (status, body) = call("POST", "/echo", "far more than eight bytes").await;
+        assert_eq!(status, 413, "{body}");
+        assert_eq!(json(&body)["error"]["type"], "invalid_request_error");
+        let (status, body) = call("GET", "/echo", "").await;
+        assert_eq!(status, 405, "{body}");
+        assert!(json(&body)["error"]["message"].is_string());
+        let (status, body) = call("GET", "/nope", "").await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(json(&body)["error"]["code"], "not_found");
+        // Success passes through untouched.
+        assert_eq!(
+            call("POST", "/echo", "tiny").await,
+            (200, "tiny".to_owned())
+        );
+    }
 }
