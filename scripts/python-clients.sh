@@ -9,6 +9,11 @@ venv="${MOE_CLIENTS_VENV:-$HOME/.cache/moe-cluster/venv-clients}"
 pins=(openai==3.51.0 grpcio==1.85.1 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1)
 stamp="$venv/.moe-pins"
 
+# Tests run in parallel processes: one makes the venv, the others wait for it.
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
+
 if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "${pins[*]}" ]]; then
     echo "$venv/bin/python"
     exit 0
@@ -23,7 +28,6 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
 fi
 
 rm -rf "$venv"
-mkdir -p "$(dirname "$venv")"
 python3 -m venv "$venv" >&2
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "${pins[@]}" >&2
 echo "${pins[*]}" > "$stamp"
