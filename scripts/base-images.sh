@@ -57,3 +57,17 @@ if ! have "$RUST_IMAGE"; then
   rm -rf "$ctx"; trap - EXIT
 fi
 echo "base images: $RUNTIME_IMAGE $RUST_IMAGE"
+
+# etcd for the container fault test (tests/tests/containers_faults.rs), from the runtime
+# base image and Debian's etcd-server.
+ETCD_IMAGE=${ETCD_IMAGE:-moe-test-etcd:3.4}
+if ! have "$ETCD_IMAGE"; then
+  ctx=$(mktemp -d /tmp/moe-etcd-ctx.XXXXXX)
+  trap 'rm -rf "$ctx"' EXIT
+  log "building $ETCD_IMAGE from $RUNTIME_IMAGE and Debian's etcd-server"
+  cp scripts/images/etcd.Dockerfile "$ctx/Dockerfile"
+  docker build -q --network host --build-arg BASE_IMAGE="$RUNTIME_IMAGE" \
+    -t "$ETCD_IMAGE" "$ctx" >/dev/null
+  rm -rf "$ctx"; trap - EXIT
+fi
+echo "test images: $ETCD_IMAGE"

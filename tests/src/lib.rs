@@ -12,6 +12,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod docker;
 pub mod netns;
 use moe_proto::v1::expert_service_client::ExpertServiceClient;
 use moe_proto::v1::generation_client::GenerationClient;
