@@ -364,6 +364,19 @@ impl RemoteBackend {
             }
         }
         if let Ok(old) = self.routes.read() {
+            // A worker the routes take (back) in has just loaded its copies for this
+            // placement: forget an old mark-down, or it would get no traffic (and look
+            // dead to readiness) until the mark-down expires.
+            let before: BTreeSet<usize> = old.values().flatten().copied().collect();
+            let joined: BTreeSet<usize> = routes
+                .values()
+                .flatten()
+                .copied()
+                .filter(|w| !before.contains(w))
+                .collect();
+            for w in joined {
+                self.mark_up(w);
+            }
             // An expert that lost every copy shows 0, not a vanished series.
             for (layer, expert) in old.keys().filter(|k| !routes.contains_key(k)) {
                 self.metrics

@@ -66,17 +66,18 @@ impl Netns {
         // Interface names are at most 15 bytes (pids are at most 7 digits).
         let host_if = format!("m{n}h{pid}");
         let ns_if = format!("m{n}n{pid}");
-        // A /30 of 198.18.0.0/15 chosen by pid, skipping any already on the host.
+        // A /30 of 198.18.0.0/16 chosen by pid, skipping any already on the host
+        // (198.19.0.0/16 is left to the container tests' Docker networks).
         let taken = host_addresses();
-        let (host_ip, ns_ip) = (0..32_768u32)
-            .map(|i| (pid + i) % 32_768)
+        let (host_ip, ns_ip) = (0..16_384u32)
+            .map(|i| (pid + i) % 16_384)
             .map(|k| {
                 let base = (198u32 << 24) | (18 << 16) | (k * 4);
                 let ip4 = |x: u32| std::net::Ipv4Addr::from(base + x).to_string();
                 (ip4(1), ip4(2))
             })
             .find(|(h, _)| !taken.contains(&format!(" {h}/")))
-            .expect("a free /30 in 198.18.0.0/15");
+            .expect("a free /30 in 198.18.0.0/16");
         // A namespace of ours left by a killed run with the same pid (its owner is gone).
         let _ = ip(&["link", "del", &host_if]);
         let _ = ip(&["netns", "del", &name]);

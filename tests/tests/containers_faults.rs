@@ -261,13 +261,9 @@ fn watch_readiness(
 /// requests are running); then asserts every batch matches `want` and that `via` counted
 /// no failed request.
 ///
-/// `via`'s readiness is watched meanwhile and every not-ready window logged. With one
-/// fault at a time and every expert on both workers, some copy is always live and it
-/// should stay ready; it is logged, not asserted, because a worker that comes back stays
-/// marked down in the router for `--mark-down-ms` (5 s) whatever it answers
-/// (`RemoteBackend::mark_up` runs only after a dispatch to it succeeds, and dispatches
-/// skip it while another copy exists), so a fault on the other worker within that window
-/// makes `/health` say 503 "no live copy" for a moment.
+/// `via`'s readiness is watched meanwhile: with one fault at a time and every expert on
+/// both workers, some copy is always live, so it must stay ready throughout (a worker the
+/// routes take back in is no longer skipped as marked down).
 async fn under_load(
     phase: &str,
     via: &Router,
@@ -311,6 +307,11 @@ async fn under_load(
             via.name
         );
     }
+    assert!(
+        not_ready.is_empty(),
+        "[{phase}] {} reported not ready while a live copy of every expert existed: {not_ready:?}",
+        via.name
+    );
     assert!(!batches.is_empty(), "[{phase}] no batch ran");
     let n = batches.len();
     for (i, got) in batches.into_iter().enumerate() {
