@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use moe_model::tiny::{self, Size, StoreDtype, TinyOptions};
 use moe_model::{Arch, WeightDtype};
+use moe_router::api_keys::ApiKeys;
 use moe_router::backend::DispatchConfig;
 use moe_router::elastic::EtcdMembership;
 use moe_router::scheduler::EngineConfig;
@@ -111,6 +112,20 @@ pub struct ServeArgs {
     /// A Jinja chat template file for /v1/chat/completions, replacing the checkpoint's.
     #[arg(long, env = "MOE_CHAT_TEMPLATE")]
     chat_template: Option<PathBuf>,
+    /// An API key clients must send (`Authorization: Bearer KEY` on /v1/*, `authorization`
+    /// metadata on gRPC Generation); repeat, or separate with commas in the env var.
+    /// No keys at all: the APIs are open.
+    #[arg(
+        long = "api-key",
+        env = "MOE_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_key: Vec<String>,
+    /// A file of API keys, one per line (blank lines and `#` comments ignored); re-read
+    /// on SIGHUP, keeping the previous keys if it cannot be read.
+    #[arg(long, env = "MOE_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
     /// Validate the flags and the files they name, print the effective configuration as
     /// JSON on stdout and exit (0 when valid) without starting anything.
     #[arg(long)]
@@ -181,6 +196,11 @@ fn check_config(a: &ServeArgs, cfg: &RouterConfig, mode: Mode) -> anyhow::Result
             vec![moe_router::serve::default_model_name(&cfg.model_dir)]
         },
         "chat_template": cfg.chat_template.as_ref().map(|p| p.display().to_string()),
+        // The count and the file only: keys never appear in output.
+        "api_keys": {
+            "count": cfg.api_keys.len(),
+            "file": cfg.api_keys.file().map(|p| p.display().to_string()),
+        },
     }))
 }
 
@@ -326,6 +346,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         advertise: a.advertise.clone(),
         served_model_names: served_names(&a.served_model_name)?,
         chat_template: a.chat_template.clone(),
+        api_keys: ApiKeys::load(&a.api_key, a.api_keys_file.clone())?,
     };
     if a.check_config {
         return check_config(&a, &cfg, mode);
@@ -345,6 +366,9 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
             crate::signals::wait_for_termination().await;
             stop.cancel();
         });
+        if cfg.api_keys.file().is_some() {
+            tokio::spawn(crate::signals::reload_keys_on_hangup(cfg.api_keys.clone()));
+        }
         let name = if mode == Mode::Standalone { "serve" } else { "router" };
         run_router(cfg, grpc, http, shutdown, |b| {
             // A closed stdout must not stop the server: these lines are only a courtesy.

@@ -3,6 +3,7 @@
 //! - [`grpc`] and [`http`]: the client APIs (gRPC `moe.v1.Generation`; HTTP: the
 //!   OpenAI-compatible `/v1/completions`, `/v1/chat/completions`, `/v1/models`, plus
 //!   `/metrics`, `/health`), over one [`grpc::Api`].
+//! - [`api_keys`]: the bearer keys both client APIs require when any are configured.
 //! - [`chat_template`]: the checkpoint's Jinja chat template, for `/v1/chat/completions`.
 //! - [`request`]: client request → validated `SequenceRequest`.
 //! - [`scheduler`]: the engine thread with continuous batching.
@@ -14,6 +15,7 @@
 //! - [`metrics`]: Prometheus names and the registry.
 //! - [`cluster_status`]: placement and per-expert load for operators (`/v1/cluster`).
 
+pub mod api_keys;
 pub mod backend;
 pub mod chat_template;
 pub mod cluster_status;

@@ -60,6 +60,8 @@ pub struct RouterConfig {
     pub served_model_names: Vec<String>,
     /// A Jinja file that replaces the checkpoint's chat template.
     pub chat_template: Option<PathBuf>,
+    /// Keys the client APIs require (`Debug` prints only their count); empty: open.
+    pub api_keys: crate::api_keys::ApiKeys,
 }
 
 /// The default served name: the checkpoint folder's name, never a path.
@@ -344,6 +346,14 @@ pub async fn run_router(
         metrics: metrics.clone(),
     };
     let serving = Arc::new(AtomicBool::new(true));
+    if cfg.api_keys.is_open() {
+        tracing::warn!("no API keys configured: the HTTP /v1 API and gRPC Generation are unauthenticated (pass --api-key or --api-keys-file)");
+    } else {
+        tracing::info!(
+            keys = cfg.api_keys.len(),
+            "API keys required on /v1/* and moe.v1.Generation"
+        );
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     // NOT_SERVING until the first readiness evaluation (a few ms: one probe round).
@@ -371,7 +381,10 @@ pub async fn run_router(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(GenerationServer::new(api.clone()))
+        .add_service(GenerationServer::with_interceptor(
+            api.clone(),
+            crate::api_keys::grpc_interceptor(cfg.api_keys.clone()),
+        ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             grpc_stop.clone().cancelled_owned(),
@@ -386,6 +399,7 @@ pub async fn run_router(
         cluster: cluster_view,
         chat_template,
         created: crate::http::unix_now(),
+        api_keys: cfg.api_keys.clone(),
     });
     let http =
         axum::serve(http_listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());

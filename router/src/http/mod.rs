@@ -48,6 +48,8 @@ pub struct HttpState {
     pub chat_template: Option<Arc<ChatTemplate>>,
     /// When the router started (Unix seconds): the models' `created`.
     pub created: u64,
+    /// Keys `/v1/*` requires (empty: open).
+    pub api_keys: crate::api_keys::ApiKeys,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -57,6 +59,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/chat/completions", post(chat::handle))
         .fallback(errors::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.api_keys.clone(),
+            require_key,
+        ))
         .layer(axum::middleware::from_fn(errors::openai_shape));
     Router::new()
         .route("/metrics", get(metrics))
@@ -65,6 +71,31 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/cluster", get(cluster))
         .merge(api)
         .with_state(state)
+}
+
+/// Middleware on the OpenAI API: `Authorization: Bearer <key>` or a 401 in OpenAI's
+/// shape (`invalid_api_key`, which the openai client raises as `AuthenticationError`).
+/// `/health`, `/health/live`, `/metrics` and `/v1/cluster` are outside it: probes and
+/// Prometheus scrape without secrets, and none of them carries request content.
+async fn require_key(
+    State(keys): State<crate::api_keys::ApiKeys>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let h = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if keys.authorizes(h) {
+        return next.run(req).await;
+    }
+    errors::ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: "Incorrect or missing API key: send `Authorization: Bearer <key>`".into(),
+        param: None,
+        code: Some("invalid_api_key"),
+    }
+    .into_response()
 }
 
 /// Seconds since the Unix epoch.
