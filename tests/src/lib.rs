@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 pub mod cluster;
 pub mod docker;
 pub mod netns;
+pub mod python;
 use moe_proto::v1::expert_service_client::ExpertServiceClient;
 use moe_proto::v1::generation_client::GenerationClient;
 use moe_proto::v1::{GenerateRequest, GenerateResponse, SamplingParameters};

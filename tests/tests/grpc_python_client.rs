@@ -5,44 +5,14 @@
 //! grpcio-reflection, which asks reflection `v1alpha`. Runs `tests/python/grpc_client.py`
 //! with `$MOE_CLIENTS_PYTHON`, else the venv of `scripts/python-clients.sh`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use moe_tests::python::{clients_python, repo_root};
 use moe_tests::{path_str, run_moe, tiny_checkpoint, Proc};
 use serde_json::{json, Value};
 
 const MAX_TOKENS: u32 = 6;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
-}
-
-fn clients_python() -> String {
-    if let Ok(p) = std::env::var("MOE_CLIENTS_PYTHON") {
-        return p;
-    }
-    let script = repo_root().join("scripts/python-clients.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .lines()
-        .last()
-        .expect("the script prints the python path")
-        .trim()
-        .to_owned()
-}
 
 #[test]
 fn grpcio_client_generates_checks_health_and_reflects() {
