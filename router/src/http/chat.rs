@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::choices;
 use super::errors::ApiError;
-use super::params::{self, Knobs, Stop, StreamOptions};
+use super::params::{self, Knobs, StreamOptions};
 use super::{logprobs, models, unix_now, HttpState};
 use crate::chat_template::ChatMessage;
 use crate::grpc::Api;
@@ -62,28 +62,6 @@ struct ChatBody {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    temperature: Option<f32>,
-    #[serde(default)]
-    top_p: Option<f32>,
-    #[serde(default)]
-    top_k: Option<i64>,
-    #[serde(default)]
-    min_p: Option<f32>,
-    #[serde(default)]
-    repetition_penalty: Option<f32>,
-    #[serde(default)]
-    presence_penalty: Option<f32>,
-    #[serde(default)]
-    frequency_penalty: Option<f32>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    stop: Option<Stop>,
-    #[serde(default)]
-    stop_token_ids: Vec<u32>,
-    #[serde(default)]
-    ignore_eos: bool,
     #[serde(default)]
     logprobs: bool,
     #[serde(default)]
@@ -157,7 +135,7 @@ pub async fn handle(State(s): State<HttpState>, bytes: axum::body::Bytes) -> Res
 }
 
 async fn run(s: HttpState, bytes: &[u8]) -> Result<Response, ApiError> {
-    let body: ChatBody = params::parse(bytes, REFUSED)?;
+    let (body, mut knobs): (ChatBody, Knobs) = params::parse(bytes, REFUSED)?;
     let model = models::resolve(&s, body.model.as_deref())?;
     if body.stream_options.is_some() && !body.stream {
         return Err(ApiError::invalid(
@@ -185,20 +163,7 @@ async fn run(s: HttpState, bytes: &[u8]) -> Result<Response, ApiError> {
         .encode(&rendered, add_bos)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let n = params::check_n(body.n, 1)?;
-    let knobs = Knobs {
-        temperature: body.temperature,
-        top_p: body.top_p,
-        top_k: body.top_k,
-        min_p: body.min_p,
-        repetition_penalty: body.repetition_penalty,
-        presence_penalty: body.presence_penalty,
-        frequency_penalty: body.frequency_penalty,
-        seed: body.seed,
-        stop: body.stop,
-        stop_token_ids: body.stop_token_ids,
-        ignore_eos: body.ignore_eos,
-        logprobs: body.logprobs.then_some(body.top_logprobs.unwrap_or(0)),
-    };
+    knobs.logprobs = body.logprobs.then_some(body.top_logprobs.unwrap_or(0));
     let max_tokens = body.max_completion_tokens.or(body.max_tokens).unwrap_or(
         // No limit given: as much as the context allows (request::build caps it).
         s.api.spec.max_position_embeddings as u32,

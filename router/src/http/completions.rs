@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::choices::{self, Finished};
 use super::errors::ApiError;
-use super::params::{self, Knobs, Stop, StreamOptions};
+use super::params::{self, Knobs, StreamOptions};
 use super::{logprobs, models, unix_now, HttpState};
 use crate::grpc::Api;
 use crate::scheduler::Event;
@@ -47,28 +47,6 @@ struct CompletionBody {
     prompt: Prompt,
     #[serde(default)]
     max_tokens: Option<u32>,
-    #[serde(default)]
-    temperature: Option<f32>,
-    #[serde(default)]
-    top_p: Option<f32>,
-    #[serde(default)]
-    top_k: Option<i64>,
-    #[serde(default)]
-    min_p: Option<f32>,
-    #[serde(default)]
-    repetition_penalty: Option<f32>,
-    #[serde(default)]
-    presence_penalty: Option<f32>,
-    #[serde(default)]
-    frequency_penalty: Option<f32>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    stop: Option<Stop>,
-    #[serde(default)]
-    stop_token_ids: Vec<u32>,
-    #[serde(default)]
-    ignore_eos: bool,
     #[serde(default)]
     logprobs: Option<u32>,
     #[serde(default)]
@@ -136,7 +114,7 @@ pub async fn handle(State(s): State<HttpState>, bytes: axum::body::Bytes) -> Res
 }
 
 async fn run(s: HttpState, bytes: &[u8]) -> Result<Response, ApiError> {
-    let body: CompletionBody = params::parse(bytes, REFUSED)?;
+    let (body, mut knobs): (CompletionBody, Knobs) = params::parse(bytes, REFUSED)?;
     let model = models::resolve(&s, body.model.as_deref())?;
     if body.stream_options.is_some() && !body.stream {
         return Err(ApiError::invalid(
@@ -152,20 +130,7 @@ async fn run(s: HttpState, bytes: &[u8]) -> Result<Response, ApiError> {
     }
     let prompts = prompts(&s, body.prompt)?;
     let n = params::check_n(body.n, prompts.len())?;
-    let knobs = Knobs {
-        temperature: body.temperature,
-        top_p: body.top_p,
-        top_k: body.top_k,
-        min_p: body.min_p,
-        repetition_penalty: body.repetition_penalty,
-        presence_penalty: body.presence_penalty,
-        frequency_penalty: body.frequency_penalty,
-        seed: body.seed,
-        stop: body.stop,
-        stop_token_ids: body.stop_token_ids,
-        ignore_eos: body.ignore_eos,
-        logprobs: body.logprobs,
-    };
+    knobs.logprobs = body.logprobs;
     let mut reqs = Vec::new();
     let mut echoes = Vec::new();
     for p in &prompts {

@@ -27,22 +27,53 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// Sampling and stopping, as both bodies carry them.
-#[derive(Debug, Default)]
+/// Sampling and stopping, as both bodies carry them: [`parse`] takes these fields
+/// ([`KNOB_FIELDS`]) out of the body and reads them here, so each is declared once.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Knobs {
+    #[serde(default)]
     pub temperature: Option<f32>,
+    #[serde(default)]
     pub top_p: Option<f32>,
+    #[serde(default)]
     pub top_k: Option<i64>,
+    #[serde(default)]
     pub min_p: Option<f32>,
+    #[serde(default)]
     pub repetition_penalty: Option<f32>,
+    #[serde(default)]
     pub presence_penalty: Option<f32>,
+    #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    #[serde(default)]
     pub seed: Option<u64>,
+    #[serde(default)]
     pub stop: Option<Stop>,
+    #[serde(default)]
     pub stop_token_ids: Vec<u32>,
+    #[serde(default)]
     pub ignore_eos: bool,
+    /// Top logprobs per token: completions' `logprobs`, chat's `top_logprobs` (each body
+    /// spells it its own way, so the handler sets it).
+    #[serde(skip)]
     pub logprobs: Option<u32>,
 }
+
+/// The body fields [`Knobs`] reads.
+const KNOB_FIELDS: &[&str] = &[
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+];
 
 impl Knobs {
     /// The request for one prompt; samples of `n` get their seeds from [`sample_seed`].
@@ -128,15 +159,26 @@ pub fn refuse(body: &mut Value, fields: &[&str]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Parses the body: JSON, then the refused fields, then the typed struct.
+/// Parses the body: JSON, then the refused fields, then the sampling [`Knobs`] and the
+/// typed struct for the rest (both strict about unknown fields).
 pub fn parse<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     refused: &[&str],
-) -> Result<T, ApiError> {
+) -> Result<(T, Knobs), ApiError> {
     let mut v: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid("body", format!("the body is not valid JSON: {e}")))?;
     refuse(&mut v, refused)?;
-    serde_json::from_value(v).map_err(|e| ApiError::invalid("body", format!("invalid body: {e}")))
+    let mut knobs = serde_json::Map::new();
+    if let Some(map) = v.as_object_mut() {
+        for f in KNOB_FIELDS {
+            if let Some(x) = map.remove(*f) {
+                knobs.insert((*f).to_owned(), x);
+            }
+        }
+    }
+    let invalid = |e: serde_json::Error| ApiError::invalid("body", format!("invalid body: {e}"));
+    let knobs: Knobs = serde_json::from_value(Value::Object(knobs)).map_err(invalid)?;
+    Ok((serde_json::from_value(v).map_err(invalid)?, knobs))
 }
 
 #[cfg(test)]
