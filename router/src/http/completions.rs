@@ -106,14 +106,12 @@ fn prompts(s: &HttpState, p: Prompt) -> Result<Vec<OnePrompt>, ApiError> {
     Ok(list)
 }
 
-pub async fn handle(State(s): State<HttpState>, bytes: axum::body::Bytes) -> Response {
-    match run(s, &bytes).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn run(s: HttpState, bytes: &[u8]) -> Result<Response, ApiError> {
+/// The route's handler: an [`ApiError`] answers in OpenAI's error shape.
+pub async fn handle(
+    State(s): State<HttpState>,
+    bytes: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let bytes: &[u8] = &bytes;
     let (body, mut knobs): (CompletionBody, Knobs) = params::parse(bytes, REFUSED)?;
     let model = models::resolve(&s, body.model.as_deref())?;
     if body.stream_options.is_some() && !body.stream {
