@@ -522,12 +522,13 @@ pub struct Tok {
     pub top: Vec<(u32, f32)>,
 }
 
-/// Runs `moe generate` over `reqs`; the tokens of each, in order (panics on an error line).
-pub fn generate_offline(model: &Path, reqs: &[GreedyReq]) -> Vec<Vec<Tok>> {
+/// Runs `moe generate` over request objects (one JSONL line each); its result object for
+/// each, in order (panics on an error line).
+pub fn generate_json(model: &Path, reqs: &[Value]) -> Vec<Value> {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("in.jsonl");
     let output = dir.path().join("out.jsonl");
-    let lines: Vec<String> = reqs.iter().map(|r| r.to_json().to_string()).collect();
+    let lines: Vec<String> = reqs.iter().map(Value::to_string).collect();
     std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
     run_moe(
         &[
@@ -542,16 +543,25 @@ pub fn generate_offline(model: &Path, reqs: &[GreedyReq]) -> Vec<Vec<Tok>> {
         true,
     );
     let text = std::fs::read_to_string(&output).expect("read output");
-    let out: Vec<Vec<Tok>> = text
+    let out: Vec<Value> = text
         .lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).expect("output line is JSON");
             assert!(v.get("error").is_none(), "moe generate failed a line: {v}");
-            offline_tokens(&v)
+            v
         })
         .collect();
     assert_eq!(out.len(), reqs.len(), "one output line per request");
     out
+}
+
+/// Runs `moe generate` over `reqs`; the tokens of each, in order (panics on an error line).
+pub fn generate_offline(model: &Path, reqs: &[GreedyReq]) -> Vec<Vec<Tok>> {
+    let reqs: Vec<Value> = reqs.iter().map(GreedyReq::to_json).collect();
+    generate_json(model, &reqs)
+        .iter()
+        .map(offline_tokens)
+        .collect()
 }
 
 fn offline_tokens(v: &Value) -> Vec<Tok> {

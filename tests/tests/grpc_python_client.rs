@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use moe_tests::python::{clients_python, repo_root};
-use moe_tests::{path_str, run_moe, tiny_checkpoint, Proc};
+use moe_tests::{generate_json, tiny_checkpoint, Proc};
 use serde_json::{json, Value};
 
 const MAX_TOKENS: u32 = 6;
@@ -19,9 +19,7 @@ fn grpcio_client_generates_checks_health_and_reflects() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 5);
     let prompts = [json!("The café opens at"), json!([5, 6, 7, 8])];
-    let input = dir.path().join("in.jsonl");
-    let output = dir.path().join("out.jsonl");
-    let lines: Vec<String> = prompts
+    let reqs: Vec<Value> = prompts
         .iter()
         .map(|p| {
             let mut v = json!({"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": true});
@@ -29,28 +27,13 @@ fn grpcio_client_generates_checks_health_and_reflects() {
                 Value::String(s) => v["prompt"] = json!(s),
                 ids => v["prompt_token_ids"] = ids.clone(),
             }
-            v.to_string()
+            v
         })
         .collect();
-    std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
-    let args = [
-        "generate",
-        "--model",
-        path_str(&model),
-        "--input",
-        path_str(&input),
-        "--output",
-        path_str(&output),
-    ];
-    run_moe(&args, true);
-    let cases: Vec<Value> = std::fs::read_to_string(&output)
-        .expect("read output")
-        .lines()
+    let cases: Vec<Value> = generate_json(&model, &reqs)
+        .iter()
         .zip(&prompts)
-        .map(|(l, p)| {
-            let v: Value = serde_json::from_str(l).expect("JSON line");
-            json!({"prompt": p, "token_ids": v["token_ids"], "text": v["text"]})
-        })
+        .map(|(v, p)| json!({"prompt": p, "token_ids": v["token_ids"], "text": v["text"]}))
         .collect();
     let serve = Proc::serve(&model, &["--served-model-name", "tiny,alias"]);
     // Tokenize must agree with the checkpoint's tokenizer loaded here.

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use moe_tests::python::{clients_python, repo_root};
-use moe_tests::{path_str, run_moe, tiny_checkpoint, Proc};
+use moe_tests::{generate_json, tiny_checkpoint, Proc};
 use serde_json::{json, Value};
 
 const MAX_TOKENS: u32 = 8;
@@ -21,10 +21,7 @@ const MAX_TOKENS: u32 = 8;
 /// `moe generate` over `prompts` (greedy, `ignore_eos`, top-2 logprobs): text and
 /// chosen-token logprobs of each.
 fn offline(model: &Path, prompts: &[Value]) -> Vec<Value> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let input = dir.path().join("in.jsonl");
-    let output = dir.path().join("out.jsonl");
-    let lines: Vec<String> = prompts
+    let reqs: Vec<Value> = prompts
         .iter()
         .map(|p| {
             let mut v = json!({"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": true, "logprobs": 2});
@@ -32,26 +29,12 @@ fn offline(model: &Path, prompts: &[Value]) -> Vec<Value> {
                 Value::String(s) => v["prompt"] = json!(s),
                 ids => v["prompt_token_ids"] = ids.clone(),
             }
-            v.to_string()
+            v
         })
         .collect();
-    std::fs::write(&input, lines.join("\n") + "\n").expect("write input");
-    let args = [
-        "generate",
-        "--model",
-        path_str(model),
-        "--input",
-        path_str(&input),
-        "--output",
-        path_str(&output),
-    ];
-    run_moe(&args, true);
-    std::fs::read_to_string(&output)
-        .expect("read output")
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).expect("JSON line");
-            assert!(v.get("error").is_none(), "moe generate failed a line: {v}");
+    generate_json(model, &reqs)
+        .iter()
+        .map(|v| {
             let lps: Vec<Value> = v["logprobs"]
                 .as_array()
                 .expect("logprobs")
