@@ -19,6 +19,7 @@ start=$(date +%s)
 # installs ca-certificates from Debian.
 docker build --network host -f deploy/Dockerfile \
   --build-arg RUST_IMAGE="$RUST_IMAGE" --build-arg RUNTIME_IMAGE="$RUNTIME_IMAGE" \
+  --build-arg MOE_GIT_COMMIT="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)" \
   --build-arg CARGO_PROFILE="$PROFILE" ${CARGO_FEATURES:+--build-arg CARGO_FEATURES="$CARGO_FEATURES"} \
   -t "$TAG" . >&2
 echo "==> built $TAG in $(( $(date +%s) - start )) s" >&2

@@ -69,6 +69,9 @@ cargo build --workspace --bins
 log "deployment manifests (render, validate, check against the binary)"
 bash scripts/check-manifests.sh target/debug/moe
 
+log "monitoring: Prometheus rules (promtool check + unit tests), Grafana dashboard"
+bash scripts/check-monitoring.sh
+
 if [ $containers = 1 ]; then
   # The image the container tests run, from deploy/Dockerfile. It is built with the
   # quick-to-compile container-test profile (Cargo.toml) to fit CI's time budget;

@@ -45,6 +45,9 @@ pub struct BenchServeArgs {
     /// Print one JSON object instead of text.
     #[arg(long, env = "MOE_BENCH_JSON")]
     json: bool,
+    /// API key the router requires (sent as `authorization: Bearer <key>`).
+    #[arg(long, env = "MOE_BENCH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 /// What one request measured. Latencies in milliseconds.
@@ -91,6 +94,21 @@ async fn one(client: &mut GenerationClient<Channel>, a: &BenchServeArgs, index: 
         request_id: format!("bench-{index}"),
         ..Default::default()
     };
+    let mut request = tonic::Request::new(request);
+    if let Some(key) = &a.api_key {
+        match format!("Bearer {key}").parse() {
+            Ok(v) => {
+                request.metadata_mut().insert("authorization", v);
+            }
+            // Checked once at start (`run`); a key that is not ASCII never gets here.
+            Err(_) => {
+                return Outcome {
+                    error: Some(tonic::Code::InvalidArgument),
+                    ..Outcome::default()
+                }
+            }
+        }
+    }
     let mut out = Outcome::default();
     let t0 = Instant::now();
     let result = async {
@@ -189,6 +207,14 @@ pub fn run(args: BenchServeArgs) -> anyhow::Result<()> {
     }
     if args.vocab_high <= args.vocab_low {
         bail!("--vocab-high must be greater than --vocab-low");
+    }
+    if let Some(key) = &args.api_key {
+        if format!("Bearer {key}")
+            .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+            .is_err()
+        {
+            bail!("--api-key must be printable ASCII");
+        }
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -9,11 +9,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use moe_model::checkpoint::Checkpoint;
 use moe_model::{FinishReason, Sampled};
-use moe_model::{
-    LocalExperts, Model, ModelSpec, SamplingParams, SequenceRequest, StopParams, Tokenizer,
-    WeightDtype,
-};
+use moe_model::{LocalExperts, Model, ModelSpec, SequenceRequest, Tokenizer, WeightDtype};
 use moe_router::metrics::RouterMetrics;
+use moe_router::request::{self, SamplingFields};
 use moe_router::scheduler::{Engine, EngineConfig, Event};
 use serde::Deserialize;
 use serde_json::json;
@@ -44,93 +42,36 @@ pub struct GenerateArgs {
     kv_tokens: usize,
 }
 
-/// One input line. Unknown fields are errors, so a typo never silently does nothing.
+/// One input line: a prompt form, `max_tokens`, `logprobs` and the sampling fields the
+/// HTTP API takes, validated by the same path as HTTP and gRPC requests
+/// ([`moe_router::request`]). Unknown fields are errors, so a typo never silently does
+/// nothing.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Line {
+    #[serde(default)]
     prompt: Option<String>,
+    #[serde(default)]
     prompt_token_ids: Option<Vec<u32>>,
     #[serde(default = "default_max_tokens")]
     max_tokens: u32,
-    #[serde(default = "one")]
-    temperature: f32,
-    #[serde(default = "one")]
-    top_p: f32,
     #[serde(default)]
-    top_k: u32,
-    #[serde(default)]
-    min_p: f32,
-    #[serde(default = "one")]
-    repetition_penalty: f32,
-    #[serde(default)]
-    presence_penalty: f32,
-    #[serde(default)]
-    frequency_penalty: f32,
-    seed: Option<u64>,
-    #[serde(default)]
-    stop: Option<StopField>,
-    #[serde(default)]
-    stop_token_ids: Vec<u32>,
-    #[serde(default)]
-    ignore_eos: bool,
     logprobs: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum StopField {
-    One(String),
-    Many(Vec<String>),
+    #[serde(flatten)]
+    sampling: SamplingFields,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
 }
 
 fn default_max_tokens() -> u32 {
     16
 }
 
-fn one() -> f32 {
-    1.0
-}
-
-fn to_request(line: Line, tok: &Tokenizer) -> anyhow::Result<SequenceRequest> {
-    let prompt = match (line.prompt, line.prompt_token_ids) {
-        (Some(_), Some(_)) => {
-            anyhow::bail!("invalid prompt: give `prompt` or `prompt_token_ids`, not both")
-        }
-        (None, None) => anyhow::bail!("invalid prompt: `prompt` or `prompt_token_ids` is required"),
-        (Some(text), None) if text.is_empty() => {
-            anyhow::bail!("invalid prompt: the prompt is empty")
-        }
-        (Some(text), None) => tok.encode(&text, true).context("tokenizing `prompt`")?,
-        (None, Some(ids)) => ids,
-    };
-    let sampling = SamplingParams {
-        temperature: line.temperature,
-        top_k: line.top_k,
-        top_p: line.top_p,
-        min_p: line.min_p,
-        repetition_penalty: line.repetition_penalty,
-        presence_penalty: line.presence_penalty,
-        frequency_penalty: line.frequency_penalty,
-        seed: line.seed,
-        logprobs: line.logprobs,
-    };
-    sampling.validate()?;
-    let stop = StopParams {
-        max_tokens: line.max_tokens,
-        stop_token_ids: line.stop_token_ids,
-        stop: match line.stop {
-            None => Vec::new(),
-            Some(StopField::One(s)) => vec![s],
-            Some(StopField::Many(v)) => v,
-        },
-        ignore_eos: line.ignore_eos,
-    };
-    stop.validate()?;
-    Ok(SequenceRequest {
-        prompt,
-        sampling,
-        stop,
-    })
+fn to_request(line: Line, tok: &Tokenizer, spec: &ModelSpec) -> anyhow::Result<SequenceRequest> {
+    request::reject_unknown(&line.rest, &[])?;
+    let mut r = line.sampling.request(line.max_tokens, line.logprobs)?;
+    r.prompt = line.prompt;
+    r.prompt_token_ids = line.prompt_token_ids;
+    Ok(request::build(r, tok, spec)?)
 }
 
 /// One finished request.
@@ -217,7 +158,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         let parsed = serde_json::from_str::<Line>(&line)
             .map_err(|e| format!("line {}: {e}", i + 1))
-            .and_then(|l| to_request(l, &tok).map_err(|e| format!("line {}: {e:#}", i + 1)));
+            .and_then(|l| to_request(l, &tok, &spec).map_err(|e| format!("line {}: {e:#}", i + 1)));
         match parsed {
             Ok(r) => {
                 slots.push(Ok(requests.len()));

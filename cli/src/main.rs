@@ -24,8 +24,17 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `moe_model=debug`.
     #[arg(long, env = "MOE_LOG", default_value = "info", global = true)]
     log: String,
+    /// Log line format: `text` for people, `json` (one object per line) for log shippers.
+    #[arg(long, env = "MOE_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -67,10 +76,18 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        // Spans (the request id) go with every event: `span` and `spans` fields.
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     let result = match cli.command {
         Command::Checkpoint { command } => checkpoint_cmd::run(command),
         Command::Generate(args) => generate_cmd::run(args),

@@ -126,6 +126,11 @@ pub struct ServeArgs {
     /// on SIGHUP, keeping the previous keys if it cannot be read.
     #[arg(long, env = "MOE_API_KEYS_FILE")]
     api_keys_file: Option<PathBuf>,
+    /// Also export per-expert series on /metrics (`moe_expert_tokens_total`,
+    /// `moe_expert_copies`: layers × experts series, 14,848 for DeepSeek-V3). Per-expert
+    /// load is always in /v1/cluster.
+    #[arg(long, env = "MOE_METRICS_EXPERT_DETAIL")]
+    metrics_expert_detail: bool,
     /// Validate the flags and the files they name, print the effective configuration as
     /// JSON on stdout and exit (0 when valid) without starting anything.
     #[arg(long)]
@@ -201,6 +206,7 @@ fn check_config(a: &ServeArgs, cfg: &RouterConfig, mode: Mode) -> anyhow::Result
             "count": cfg.api_keys.len(),
             "file": cfg.api_keys.file().map(|p| p.display().to_string()),
         },
+        "metrics_expert_detail": cfg.metrics_expert_detail,
     }))
 }
 
@@ -347,6 +353,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         served_model_names: served_names(&a.served_model_name)?,
         chat_template: a.chat_template.clone(),
         api_keys: ApiKeys::load(&a.api_key, a.api_keys_file.clone())?,
+        metrics_expert_detail: a.metrics_expert_detail,
     };
     if a.check_config {
         return check_config(&a, &cfg, mode);

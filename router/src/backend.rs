@@ -50,17 +50,14 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How often a dispatch waiting for a copy of an expert looks at the routes again.
 const COPY_POLL: Duration = Duration::from_millis(20);
 
-/// Adds this layer's routed tokens to the per-expert counters.
+/// Adds this layer's routed tokens to the per-expert load.
 fn count_expert_tokens(m: &RouterMetrics, req: &MoeRequest<'_>) {
     let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
     for e in req.expert_ids.iter().filter(|e| **e != NO_EXPERT) {
         *counts.entry(*e).or_default() += 1;
     }
-    let layer = req.layer.to_string();
     for (e, n) in counts {
-        m.expert_tokens
-            .with_label_values(&[layer.as_str(), e.to_string().as_str()])
-            .inc_by(n);
+        m.expert_load.add(req.layer, e, n);
     }
 }
 
@@ -329,20 +326,35 @@ impl RemoteBackend {
         experts: &[(usize, u32)],
         unreachable: &std::collections::HashSet<usize>,
     ) -> Vec<(usize, u32)> {
+        experts
+            .iter()
+            .zip(self.live_copies(experts, unreachable))
+            .filter(|(_, n)| *n == 0)
+            .map(|(e, _)| *e)
+            .collect()
+    }
+
+    /// For each of `experts`, its copies on live workers (routed, not marked down, and
+    /// not in `unreachable`).
+    pub fn live_copies(
+        &self,
+        experts: &[(usize, u32)],
+        unreachable: &std::collections::HashSet<usize>,
+    ) -> Vec<usize> {
         let down = self.down_now();
         let Ok(routes) = self.routes.read() else {
-            return experts.to_vec();
+            return vec![0; experts.len()];
         };
         experts
             .iter()
-            .filter(|e| {
-                !routes.get(e).is_some_and(|hosts| {
+            .map(|e| {
+                routes.get(e).map_or(0, |hosts| {
                     hosts
                         .iter()
-                        .any(|w| !down.contains(w) && !unreachable.contains(w))
+                        .filter(|w| !down.contains(w) && !unreachable.contains(w))
+                        .count()
                 })
             })
-            .copied()
             .collect()
     }
 
@@ -546,13 +558,23 @@ impl RemoteBackend {
         let worker = self
             .worker(part.worker)
             .ok_or_else(|| ExpertError::Unavailable(format!("no worker #{}", part.worker)))?;
+        let sent = (msg.rows.len() + 4 * (msg.expert_ids.len() + msg.expert_weights.len())) as u64;
         let started = Instant::now();
         let resp = worker.dispatch(msg, self.cfg.deadline).await;
-        self.metrics
-            .dispatch
+        let m = &self.metrics;
+        m.dispatch
             .with_label_values(&[worker.addr()])
             .observe(started.elapsed().as_secs_f64());
+        m.dispatch_requests
+            .with_label_values(&[worker.addr()])
+            .inc();
+        m.dispatch_bytes
+            .with_label_values(&[worker.addr(), "sent"])
+            .inc_by(sent);
         let resp = resp?;
+        m.dispatch_bytes
+            .with_label_values(&[worker.addr(), "received"])
+            .inc_by(resp.output.len() as u64);
         if resp.error_code != 0 {
             let what = format!(
                 "worker {}: {} (code {})",

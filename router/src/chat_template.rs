@@ -15,6 +15,13 @@ use crate::ServeError;
 
 const NAME: &str = "chat";
 
+/// The roles a conversation may hold.
+pub const ROLES: &[&str] = &["system", "user", "assistant"];
+
+/// Why a chat request is refused when the model has no template.
+pub const NO_TEMPLATE: &str = "this model has no chat template (none in tokenizer_config.json, \
+     no chat_template.jinja); start the server with --chat-template FILE, or send a prompt";
+
 /// One chat message as the template sees it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatMessage {
@@ -109,6 +116,33 @@ impl ChatTemplate {
             bos_token,
             eos_token,
         })
+    }
+
+    /// The prompt of a conversation: roles checked, rendered, tokenised without a second
+    /// BOS when the template already wrote one. Both client APIs chat through this.
+    pub fn prompt_ids(
+        &self,
+        tok: &moe_model::Tokenizer,
+        messages: &[ChatMessage],
+    ) -> Result<Vec<u32>, ServeError> {
+        if messages.is_empty() {
+            return Err(ServeError::invalid(
+                "messages",
+                "at least one message is needed",
+            ));
+        }
+        for (i, m) in messages.iter().enumerate() {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ServeError::invalid(
+                    &format!("messages[{i}].role"),
+                    format!("role `{}` is not supported ({})", m.role, ROLES.join(", ")),
+                ));
+            }
+        }
+        let rendered = self.render(messages)?;
+        let add_bos = self.bos_token.is_empty() || !rendered.starts_with(&self.bos_token);
+        tok.encode(&rendered, add_bos)
+            .map_err(|e| ServeError::invalid("messages", e.to_string()))
     }
 
     /// Renders the conversation, opening the assistant's turn.

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::chat_template::{ChatMessage, ChatTemplate, NO_TEMPLATE};
 use crate::metrics::RouterMetrics;
 use crate::request::{build, ClientRequest};
 use crate::scheduler::{EngineHandle, Event};
@@ -31,6 +32,8 @@ pub struct Api {
     /// The names clients may ask for (`--served-model-name`); never empty.
     pub served_model_names: Arc<Vec<String>>,
     pub metrics: RouterMetrics,
+    /// The chat template; `None`: chat requests are refused (INVALID_ARGUMENT / 400).
+    pub chat_template: Option<Arc<ChatTemplate>>,
 }
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(1);
@@ -43,17 +46,27 @@ impl Api {
         id: String,
     ) -> Result<tokio::sync::mpsc::Receiver<Event>, crate::ServeError> {
         let seq = build(req, &self.tokenizer, &self.spec).inspect_err(|e| {
+            tracing::info!(request_id = %id, error = %e, "request refused");
             self.metrics
                 .requests
                 .with_label_values(&[e.outcome()])
                 .inc();
         })?;
+        tracing::debug!(request_id = %id, prompt_tokens = seq.prompt.len(), max_tokens = seq.stop.max_tokens, "request accepted");
         self.engine.submit(id, seq).inspect_err(|e| {
             self.metrics
                 .requests
                 .with_label_values(&[e.outcome()])
                 .inc();
         })
+    }
+
+    /// A conversation's prompt token ids (see [`ChatTemplate::prompt_ids`]).
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, crate::ServeError> {
+        let Some(t) = &self.chat_template else {
+            return Err(crate::ServeError::invalid("messages", NO_TEMPLATE));
+        };
+        t.prompt_ids(&self.tokenizer, messages)
     }
 
     pub fn new_request_id(given: &str) -> String {
@@ -117,8 +130,10 @@ impl Generation for Api {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let req = request.into_inner();
         let id = Api::new_request_id(&req.request_id);
-        let rx = self
-            .start(ClientRequest::from(req), id.clone())
+        let span = tracing::info_span!("request", request_id = %id, api = "grpc");
+        let _in_span = span.enter();
+        let rx = ClientRequest::from_proto(req, |messages| self.chat_prompt(messages))
+            .and_then(|r| self.start(r, id.clone()))
             .map_err(|e| e.to_status())?;
         let stream = ReceiverStream::new(rx).map(move |ev| to_proto(ev, &id));
         Ok(Response::new(Box::pin(stream)))

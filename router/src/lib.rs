@@ -12,7 +12,7 @@
 //! - [`elastic`]: workers from the etcd membership, placement that follows it.
 //! - [`serve`]: wiring it all up, placement at start, graceful shutdown.
 //! - [`readiness`]: whether the router can serve now (health services, `/health`).
-//! - [`metrics`]: Prometheus names and the registry.
+//! - [`metrics`]: Prometheus names and the registry; [`load`]: per-expert load counters.
 //! - [`cluster_status`]: placement and per-expert load for operators (`/v1/cluster`).
 
 pub mod api_keys;
@@ -23,6 +23,7 @@ pub mod elastic;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod load;
 pub mod metrics;
 pub mod readiness;
 pub mod remote;

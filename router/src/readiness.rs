@@ -76,8 +76,8 @@ impl Readiness {
 
 /// What readiness is computed from.
 pub enum Source {
-    /// In-process device actors: ready while not draining.
-    Local,
+    /// In-process device actors: ready while not draining; `copies` of each expert.
+    Local { copies: usize },
     /// Remote workers: every routed expert needs a live copy.
     Remote {
         backend: Arc<RemoteBackend>,
@@ -105,7 +105,7 @@ pub async fn run(
     source: Source,
     readiness: Arc<Readiness>,
     health: tonic_health::server::HealthReporter,
-    metric: prometheus::IntGauge,
+    metrics: crate::metrics::RouterMetrics,
     shutdown: CancellationToken,
 ) {
     health
@@ -113,10 +113,24 @@ pub async fn run(
         .await;
     loop {
         let reason = match &source {
-            Source::Local => None,
+            Source::Local { copies } => {
+                metrics.experts_without_copy.set(0);
+                metrics.expert_copies_min.set(*copies as i64);
+                None
+            }
             Source::Remote { backend, experts } => {
                 let unreachable = probe(backend).await;
-                let missing = backend.experts_without_live_copy(experts, &unreachable);
+                let copies = backend.live_copies(experts, &unreachable);
+                let missing: Vec<(usize, u32)> = experts
+                    .iter()
+                    .zip(&copies)
+                    .filter(|(_, n)| **n == 0)
+                    .map(|(e, _)| *e)
+                    .collect();
+                metrics.experts_without_copy.set(missing.len() as i64);
+                metrics
+                    .expert_copies_min
+                    .set(copies.iter().copied().min().unwrap_or(0) as i64);
                 missing.first().map(|(layer, expert)| {
                     format!(
                         "{} expert(s) have no live copy (first: layer {layer} expert {expert})",
@@ -127,7 +141,7 @@ pub async fn run(
         };
         let changed = readiness.set(reason.clone());
         let effective = readiness.reason();
-        metric.set(i64::from(effective.is_none()));
+        metrics.ready.set(i64::from(effective.is_none()));
         if effective.is_none() {
             health.set_serving::<GenerationServer<Api>>().await;
             health

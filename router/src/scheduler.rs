@@ -7,14 +7,14 @@
 //! The loop is a plain thread, not a task: a step is seconds of CPU math at worst and
 //! calls the expert backend synchronously (the remote backend bridges to async itself).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moe_model::kv_cache::KvPool;
 use moe_model::sequence::Sequence;
 use moe_model::{ExpertBackend, FinishReason, Model, Sampled, SequenceRequest, StepSeq, Tokenizer};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::error::ServeError;
 use crate::metrics::RouterMetrics;
@@ -70,6 +70,34 @@ pub struct Job {
     pub req: SequenceRequest,
     pub events: mpsc::Sender<Event>,
     pub arrived: Instant,
+    /// Counts the request in flight until it is dropped (finished, failed or cancelled).
+    _in_flight: InFlightGuard,
+}
+
+/// Requests handed to the engine and not ended yet; [`EngineHandle::drained`] waits on
+/// `idle` (a notification, not a poll of the metrics).
+#[derive(Default)]
+struct InFlight {
+    n: AtomicUsize,
+    idle: Notify,
+}
+
+/// One request's share of [`InFlight`]; dropping it ends the request's count.
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlightGuard {
+    fn new(f: &Arc<InFlight>) -> InFlightGuard {
+        f.n.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(f.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// The cheap, cloneable front of the engine.
@@ -77,6 +105,7 @@ pub struct Job {
 pub struct EngineHandle {
     tx: mpsc::Sender<Job>,
     shutting_down: Arc<AtomicBool>,
+    in_flight: Arc<InFlight>,
     metrics: RouterMetrics,
 }
 
@@ -101,6 +130,7 @@ impl EngineHandle {
             req,
             events,
             arrived: Instant::now(),
+            _in_flight: InFlightGuard::new(&self.in_flight),
         };
         match self.tx.try_send(job) {
             Ok(()) => {
@@ -126,18 +156,22 @@ impl EngineHandle {
     pub async fn drained(&self, deadline: Duration) -> bool {
         let end = tokio::time::Instant::now() + deadline;
         loop {
-            if self.metrics.running.get() == 0 && self.metrics.waiting.get() == 0 {
+            let idle = self.in_flight.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check, so a request ending in between still wakes us.
+            idle.as_mut().enable();
+            if self.in_flight.n.load(Ordering::Acquire) == 0 {
                 return true;
             }
-            if tokio::time::Instant::now() >= end {
-                return false;
+            if tokio::time::timeout_at(end, idle).await.is_err() {
+                return self.in_flight.n.load(Ordering::Acquire) == 0;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
 
 struct Running {
+    _in_flight: InFlightGuard,
     id: String,
     seq: Sequence,
     events: mpsc::Sender<Event>,
@@ -176,6 +210,7 @@ impl Engine {
         let handle = EngineHandle {
             tx,
             shutting_down: Arc::new(AtomicBool::new(false)),
+            in_flight: Arc::default(),
             metrics: self.metrics.clone(),
         };
         std::thread::Builder::new()
@@ -213,6 +248,7 @@ impl Engine {
                 if job.events.is_closed() {
                     m.waiting.dec();
                     m.requests.with_label_values(&["cancelled"]).inc();
+                    m.finished.with_label_values(&["abort"]).inc();
                     continue;
                 }
                 if running.len() >= self.config.max_running {
@@ -234,6 +270,7 @@ impl Engine {
                         m.waiting.dec();
                         let e = ServeError::from(e);
                         m.requests.with_label_values(&[e.outcome()]).inc();
+                        m.finished.with_label_values(&["error"]).inc();
                         let _ = job.events.try_send(Event::Error(e));
                         continue;
                     }
@@ -247,6 +284,7 @@ impl Engine {
                             self.config.kv_capacity_tokens
                         ));
                         m.requests.with_label_values(&[e.outcome()]).inc();
+                        m.finished.with_label_values(&["error"]).inc();
                         let _ = job.events.try_send(Event::Error(e));
                         continue;
                     }
@@ -259,6 +297,7 @@ impl Engine {
                 let now = Instant::now();
                 m.queue.observe((now - job.arrived).as_secs_f64());
                 running.push(Running {
+                    _in_flight: job._in_flight,
                     id: job.id,
                     seq,
                     events: job.events,
@@ -274,6 +313,7 @@ impl Engine {
             running.retain(|r| !r.events.is_closed());
             for _ in running.len()..before {
                 m.requests.with_label_values(&["cancelled"]).inc();
+                m.finished.with_label_values(&["abort"]).inc();
             }
             m.running.set(running.len() as i64);
             m.kv_usage.set(pool.usage());
@@ -294,28 +334,40 @@ impl Engine {
         let mut budget = self.config.max_batch_tokens.max(1);
         let mut batch: Vec<StepSeq<'_>> = Vec::new();
         let mut members: Vec<(usize, bool)> = Vec::new();
+        let mut prefill = false;
         for (i, r) in running.iter_mut().enumerate() {
             if budget == 0 {
                 break;
             }
+            prefill |= r.seq.prompt_remaining() > 0;
             let (tokens, cache, sample) = r.seq.next_chunk(budget);
             budget = budget.saturating_sub(tokens.len());
             members.push((i, sample));
             batch.push(StepSeq { tokens, cache });
         }
+        m.step_tokens
+            .observe(batch.iter().map(|b| b.tokens.len()).sum::<usize>() as f64);
+        m.step_sequences.observe(batch.len() as f64);
         let result = self.model.forward(&mut batch, self.backend.as_ref());
         drop(batch);
-        m.step.observe(started.elapsed().as_secs_f64());
+        m.step
+            .with_label_values(&[if prefill { "prefill" } else { "decode" }])
+            .observe(started.elapsed().as_secs_f64());
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 let e = ServeError::from(e);
-                tracing::warn!(error = %e, sequences = members.len(), "step failed; failing its requests");
+                let ids: Vec<&str> = members
+                    .iter()
+                    .map(|(i, _)| running[*i].id.as_str())
+                    .collect();
+                tracing::warn!(error = %e, request_ids = ?ids, "step failed; failing its requests");
                 let mut failed: Vec<usize> = members.iter().map(|(i, _)| *i).collect();
                 failed.sort_unstable();
                 for i in failed.into_iter().rev() {
                     let r = running.remove(i);
                     m.requests.with_label_values(&[e.outcome()]).inc();
+                    m.finished.with_label_values(&["error"]).inc();
                     let _ = r.events.try_send(Event::Error(e.clone()));
                 }
                 return;
@@ -363,20 +415,26 @@ impl Engine {
                             queue_time_ms: (r.admitted - r.arrived).as_secs_f64() * 1e3,
                         };
                         alive &= self.send(r, Event::Done { reason, usage });
+                        tracing::debug!(request_id = %r.id, reason = reason.as_str(), tokens = r.seq.generated().len(), "request finished");
                         m.e2e.observe((now - r.arrived).as_secs_f64());
                         m.requests
                             .with_label_values(&[if alive { "ok" } else { "cancelled" }])
                             .inc();
+                        m.finished
+                            .with_label_values(&[if alive { reason.as_str() } else { "abort" }])
+                            .inc();
                         finished.push(*i);
                     } else if !alive {
                         m.requests.with_label_values(&["cancelled"]).inc();
+                        m.finished.with_label_values(&["abort"]).inc();
                         finished.push(*i);
                     }
                 }
                 Err(e) => {
                     let e = ServeError::from(e);
-                    tracing::warn!(request = %r.id, error = %e, "sampling failed");
+                    tracing::warn!(request_id = %r.id, error = %e, "sampling failed");
                     m.requests.with_label_values(&[e.outcome()]).inc();
+                    m.finished.with_label_values(&["error"]).inc();
                     let _ = self.send(r, Event::Error(e));
                     finished.push(*i);
                 }

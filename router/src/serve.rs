@@ -2,7 +2,7 @@
 //! actors, or on remote workers given statically), start the engine, serve gRPC and HTTP,
 //! and drain on shutdown.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +62,8 @@ pub struct RouterConfig {
     pub chat_template: Option<PathBuf>,
     /// Keys the client APIs require (`Debug` prints only their count); empty: open.
     pub api_keys: crate::api_keys::ApiKeys,
+    /// Export per-expert series (`moe_expert_tokens_total`, `moe_expert_copies`).
+    pub metrics_expert_detail: bool,
 }
 
 /// The default served name: the checkpoint folder's name, never a path.
@@ -186,6 +188,37 @@ fn advertised(cfg: &RouterConfig, bound: SocketAddr) -> anyhow::Result<String> {
     Ok(a)
 }
 
+/// Window of `moe_layer_load_imbalance`.
+const IMBALANCE_WINDOW: Duration = Duration::from_secs(15);
+
+/// Sets `moe_layer_load_imbalance` from the load of each window and the placement.
+async fn track_imbalance(
+    metrics: RouterMetrics,
+    placement: PlacementSource,
+    stop: CancellationToken,
+) {
+    let seen = |m: &RouterMetrics| -> BTreeMap<(usize, u32), u64> { m.expert_load.snapshot() };
+    let mut before = seen(&metrics);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(IMBALANCE_WINDOW) => {}
+        }
+        let now = seen(&metrics);
+        let window: BTreeMap<(usize, u32), u64> = now
+            .iter()
+            .map(|(k, n)| (*k, n.saturating_sub(before.get(k).copied().unwrap_or(0))))
+            .collect();
+        for (layer, v) in crate::load::layer_imbalance(&window, &placement()) {
+            metrics
+                .layer_imbalance
+                .with_label_values(&[layer.to_string().as_str()])
+                .set(v);
+        }
+        before = now;
+    }
+}
+
 fn log_plan(p: &PlacementPlan) {
     for (slot, experts) in &p.assignments {
         tracing::info!(worker = %slot.worker, device = %slot.device, experts = experts.len(), version = p.version, "placement");
@@ -221,7 +254,9 @@ pub async fn run_router(
         })
         .await??
     };
-    let metrics = RouterMetrics::new();
+    let metrics = RouterMetrics::with_detail(cfg.metrics_expert_detail);
+    metrics.set_build_info(&default_model_name(&cfg.model_dir));
+    metrics.max_waiting.set(cfg.engine.max_waiting as i64);
     let mut extra_registries = Vec::new();
     let mut cluster_view = None;
     let all_experts = expert_keys(&spec);
@@ -276,10 +311,11 @@ pub async fn run_router(
                 cfg.dispatch.clone(),
                 metrics.clone(),
             ));
+            let copies = cfg.replicas.min(slots.len()).max(1);
             (
                 backend,
                 Arc::new(move || placement.clone()),
-                readiness::Source::Local,
+                readiness::Source::Local { copies },
             )
         }
         ExpertSource::Remote { .. } => {
@@ -344,6 +380,7 @@ pub async fn run_router(
             cfg.served_model_names.clone()
         }),
         metrics: metrics.clone(),
+        chat_template,
     };
     let serving = Arc::new(AtomicBool::new(true));
     if cfg.api_keys.is_open() {
@@ -364,7 +401,12 @@ pub async fn run_router(
         ready_source,
         readiness.clone(),
         health.clone(),
-        metrics.ready.clone(),
+        metrics.clone(),
+        readiness_stop.clone(),
+    ));
+    tokio::spawn(track_imbalance(
+        metrics.clone(),
+        placement_source.clone(),
         readiness_stop.clone(),
     ));
     let reflection = tonic_reflection::server::Builder::configure()
@@ -397,7 +439,6 @@ pub async fn run_router(
         readiness: readiness.clone(),
         placement: placement_source,
         cluster: cluster_view,
-        chat_template,
         created: crate::http::unix_now(),
         api_keys: cfg.api_keys.clone(),
     });

@@ -1,7 +1,8 @@
 """The official `openai` client against `moe serve` (run by tests/tests/openai_client.rs).
 
-argv: BASE_URL (the server under test), SMALL_URL (a server admitting one request at a
-time, for 429), EXPECTED_JSON (greedy outputs of `moe generate` for the same requests).
+argv: BASE_URL (`moe serve`), ROUTER_URL (a router with a worker process, an API key, and
+room for one running and one waiting request, for 429), EXPECTED_JSON (greedy outputs of
+`moe generate` for the same requests, and the router's key).
 Prints one line per check and `ALL OK` at the end; any failure raises.
 """
 
@@ -11,7 +12,7 @@ import sys
 
 import openai
 
-BASE, SMALL, EXPECTED = sys.argv[1], sys.argv[2], sys.argv[3]
+BASE, ROUTER, EXPECTED = sys.argv[1], sys.argv[2], sys.argv[3]
 with open(EXPECTED) as f:
     exp = json.load(f)
 N = exp["max_tokens"]
@@ -138,12 +139,24 @@ async def main():
             text += ch.choices[0].delta.content or ""
     check("async chat stream", text, exp["chat"]["want"]["text"])
 
-    # 429: one running, one waiting; a burst must be refused in part.
-    small = openai.AsyncOpenAI(base_url=SMALL + "/v1", api_key="unused", max_retries=0)
+    # The router with a worker process: the same greedy tokens, behind its key.
+    rc = openai.AsyncOpenAI(base_url=ROUTER + "/v1", api_key=exp["api_key"], max_retries=0)
     # Without --served-model-name the name is the checkpoint folder's.
-    check("default model name", [m.id async for m in small.models.list()], ["dsv3"])
-    outcomes = await asyncio.gather(*[small.completions.create(model="dsv3", prompt="x", max_tokens=200, temperature=0,
-                                                               extra_body={"ignore_eos": True})
+    check("router default model name", [m.id async for m in rc.models.list()], ["dsv3"])
+    r = await rc.completions.create(model="dsv3", prompt=exp["text"]["prompt"], **GREEDY)
+    check("router completion", r.choices[0].text, exp["text"]["want"]["text"])
+    r = await rc.chat.completions.create(model="dsv3", messages=exp["chat"]["messages"], **GREEDY)
+    check("router chat", r.choices[0].message.content, exp["chat"]["want"]["text"])
+    wrong = openai.AsyncOpenAI(base_url=ROUTER + "/v1", api_key="sk-wrong", max_retries=0)
+    try:
+        await wrong.completions.create(model="dsv3", prompt="x", max_tokens=1)
+        raise AssertionError("a wrong key was accepted")
+    except openai.AuthenticationError as e:
+        check("wrong key raises AuthenticationError", e.status_code, 401)
+
+    # 429: one running, one waiting; a burst must be refused in part.
+    outcomes = await asyncio.gather(*[rc.completions.create(model="dsv3", prompt="x", max_tokens=200, temperature=0,
+                                                            extra_body={"ignore_eos": True})
                                       for _ in range(12)], return_exceptions=True)
     limited = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
     other = [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, openai.RateLimitError)]

@@ -401,8 +401,11 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let rest = l.strip_prefix(name)?;
+            // `name` may end inside a label set (`m{a="x"`): the rest of it follows.
+            let open = name.contains('{') && !name.ends_with('}');
             let rest = match rest.strip_prefix('{') {
                 Some(r) => r.split_once("} ")?.1,
+                None if open => rest.split_once("} ")?.1,
                 None => rest.strip_prefix(' ')?,
             };
             rest.split_whitespace().next()?.parse::<f64>().ok()
@@ -488,7 +491,10 @@ impl GreedyReq {
 
     pub fn to_proto(&self) -> GenerateRequest {
         GenerateRequest {
-            prompt: self.prompt.clone().unwrap_or_default(),
+            input: self
+                .prompt
+                .clone()
+                .map(moe_proto::v1::generate_request::Input::Prompt),
             prompt_token_ids: self.ids.clone(),
             max_tokens: self.max_tokens,
             sampling: Some(SamplingParameters {

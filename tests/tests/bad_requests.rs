@@ -3,7 +3,8 @@
 //! concurrent requests than the running batch plus the waiting queue hold get
 //! RESOURCE_EXHAUSTED; the HTTP API answers 400 for a bad value and for malformed JSON.
 
-use moe_proto::v1::{GenerateRequest, SamplingParameters};
+use moe_proto::v1::generate_request::Input;
+use moe_proto::v1::{Chat, ChatMessage, GenerateRequest, SamplingParameters};
 use moe_tests::{
     generate, generation_client, http, metric_value, metrics, names_field, tiny_checkpoint,
     wait_until, GreedyReq, Proc, PATIENCE,
@@ -17,6 +18,18 @@ fn sampling(f: impl FnOnce(&mut SamplingParameters)) -> Option<SamplingParameter
     };
     f(&mut s);
     Some(s)
+}
+
+fn chat(messages: &[(&str, &str)]) -> Chat {
+    Chat {
+        messages: messages
+            .iter()
+            .map(|(role, content)| ChatMessage {
+                role: (*role).into(),
+                content: (*content).into(),
+            })
+            .collect(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +100,33 @@ async fn bad_requests_are_refused_and_the_server_keeps_serving() {
             "both prompt and prompt_token_ids",
             "prompt",
             GenerateRequest {
-                prompt: "hello".into(),
+                input: Some(Input::Prompt("hello".into())),
+                ..good()
+            },
+        ),
+        (
+            "a chat with a tool message",
+            "messages[1].role",
+            GenerateRequest {
+                input: Some(Input::Chat(chat(&[("user", "hi"), ("tool", "42")]))),
+                prompt_token_ids: vec![],
+                ..good()
+            },
+        ),
+        (
+            "a chat with no message",
+            "messages",
+            GenerateRequest {
+                input: Some(Input::Chat(chat(&[]))),
+                prompt_token_ids: vec![],
+                ..good()
+            },
+        ),
+        (
+            "both chat and prompt_token_ids",
+            "chat",
+            GenerateRequest {
+                input: Some(Input::Chat(chat(&[("user", "hi")]))),
                 ..good()
             },
         ),

@@ -1,7 +1,9 @@
 //! The `/metrics` pages of `moe serve`, `moe router` and `moe worker` are valid
 //! Prometheus text that `promtool check metrics` accepts (syntax and naming lint), and,
 //! after traffic, carry the serving metrics dashboards rely on: time to first token,
-//! per-expert load, dispatch latency, KV cache usage and worker compute time.
+//! per-(layer, device) load, dispatch latency and bytes, step sizes and kinds, finish
+//! reasons, build info, KV cache usage and worker compute time; per-expert series only
+//! with `--metrics-expert-detail`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -77,17 +79,30 @@ async fn serve_metrics_pass_promtool() {
         &text,
         &[
             "moe_time_to_first_token_seconds",
-            "moe_expert_tokens_total",
             "moe_dispatch_seconds",
             "moe_kv_cache_usage_ratio",
             "moe_worker_compute_seconds",
+            "moe_experts_without_live_copy",
+            "moe_expert_copies_min",
+            "moe_engine_step_seconds_bucket{kind=\"prefill\"",
+            "moe_engine_step_seconds_bucket{kind=\"decode\"",
         ],
         &[
             "moe_time_to_first_token_seconds_count",
-            "moe_expert_tokens_total",
             "moe_dispatch_seconds_count",
             "moe_worker_compute_seconds_count",
+            "moe_worker_expert_tokens_total",
+            "moe_requests_finished_total{reason=\"length\"}",
+            "moe_engine_step_tokens_count",
+            "moe_engine_step_sequences_sum",
+            "moe_build_info",
+            "moe_max_num_requests_waiting",
         ],
+    );
+    // Bounded cardinality: no per-expert series without --metrics-expert-detail.
+    assert!(
+        !text.contains("moe_expert_tokens_total") && !text.contains("moe_expert_copies{"),
+        "per-expert series exported by default:\n{text}"
     );
 }
 
@@ -96,7 +111,7 @@ async fn router_and_worker_metrics_pass_promtool() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 41);
     let worker = Proc::worker(&model, "cpu:0,cpu:1", &[]);
-    let router = Proc::router(&model, &[&worker], &[]);
+    let router = Proc::router(&model, &[&worker], &["--metrics-expert-detail"]);
     traffic(router.grpc).await;
 
     let text = metrics(router.http);
@@ -114,6 +129,11 @@ async fn router_and_worker_metrics_pass_promtool() {
             "moe_time_to_first_token_seconds_count",
             "moe_expert_tokens_total",
             "moe_dispatch_seconds_count",
+            "moe_dispatch_requests_total",
+            "moe_dispatch_bytes_total{direction=\"sent\"",
+            "moe_dispatch_bytes_total{direction=\"received\"",
+            "moe_expert_copies{",
+            "moe_expert_copies_min",
         ],
     );
 
@@ -129,6 +149,7 @@ async fn router_and_worker_metrics_pass_promtool() {
         &[
             "moe_worker_compute_seconds_count",
             "moe_worker_dispatch_requests_total",
+            "moe_worker_expert_tokens_total",
         ],
     );
 }

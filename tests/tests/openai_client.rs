@@ -1,7 +1,9 @@
 //! The official `openai` Python client (sync and async, `max_retries=0`) against
 //! `moe serve`: models list, completions (text, list, token ids, `n`, `echo`, `logprobs`,
 //! stop, streaming with usage), chat (plain, streaming, logprobs, multi-turn) and the
-//! error classes (`NotFoundError`, `BadRequestError`, `RateLimitError`). Greedy outputs
+//! error classes (`NotFoundError`, `BadRequestError`); and against a router with a
+//! worker process and an API key: completion and chat, `AuthenticationError` with a
+//! wrong key, `RateLimitError` past its one running and one waiting request. Greedy outputs
 //! through the client must equal `moe generate` for the same requests: this test runs
 //! `moe generate` first and hands the expected texts and logprobs to
 //! `tests/python/openai_client.py`.
@@ -63,8 +65,10 @@ fn openai_python_client_matches_moe_generate() {
         json!(multi),
     ];
     let want = offline(&model, &prompts);
+    let key = "sk-openai-test";
     let expected = json!({
         "max_tokens": MAX_TOKENS,
+        "api_key": key,
         "models": ["tiny-dsv3", "alias"],
         "text": {"prompt": prompts[0], "want": want[0]},
         "text2": {"prompt": prompts[1], "want": want[1]},
@@ -81,13 +85,19 @@ fn openai_python_client_matches_moe_generate() {
 
     let python = clients_python();
     let serve = Proc::serve(&model, &["--served-model-name", "tiny-dsv3,alias"]);
-    // A second server that admits one request at a time, for RateLimitError.
-    let small = Proc::serve(&model, &["--max-running", "1", "--max-waiting", "1"]);
+    // A router with its experts on a worker process, an API key, and room for one running
+    // and one waiting request (for RateLimitError).
+    let worker = Proc::worker(&model, "cpu:0", &[]);
+    let router = Proc::router(
+        &model,
+        &[&worker],
+        &["--max-running", "1", "--max-waiting", "1", "--api-key", key],
+    );
     let script = repo_root().join("tests/python/openai_client.py");
     let out = Command::new(&python)
         .arg(&script)
         .arg(format!("http://{}", serve.http))
-        .arg(format!("http://{}", small.http))
+        .arg(format!("http://{}", router.http))
         .arg(&exp_file)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
@@ -98,6 +108,6 @@ fn openai_python_client_matches_moe_generate() {
         script.display(),
         out.status,
         String::from_utf8_lossy(&out.stderr),
-        serve.describe()
+        serve.describe() + &router.describe() + &worker.describe()
     );
 }

@@ -123,6 +123,12 @@ impl DeviceState {
     ) -> Result<Vec<f32>, ExpertError> {
         let experts = Arc::clone(&self.experts);
         let hidden = self.core.spec.hidden_size;
+        let slots = ids.iter().filter(|e| **e != moe_proto::NO_EXPERT).count();
+        self.core
+            .metrics
+            .expert_tokens
+            .with_label_values(&[layer.to_string().as_str(), self.name()])
+            .inc_by(slots as u64);
         let start = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             experts.forward(&MoeRequest {

@@ -14,6 +14,8 @@ use prometheus::{
 pub const DISPATCH_REQUESTS_TOTAL: &str = "moe_worker_dispatch_requests_total";
 /// Rows received in valid dispatch requests.
 pub const DISPATCH_ROWS_TOTAL: &str = "moe_worker_dispatch_rows_total";
+/// Token-expert slots a device computed, by MoE layer: the load of each (layer, device).
+pub const EXPERT_TOKENS_TOTAL: &str = "moe_worker_expert_tokens_total";
 /// Time a device spent computing one request's rows.
 pub const COMPUTE_SECONDS: &str = "moe_worker_compute_seconds";
 /// Device actors restarted after a failure.
@@ -29,6 +31,8 @@ pub const PLACEMENT_VERSION: &str = "moe_worker_placement_version";
 pub const LABEL_OUTCOME: &str = "outcome";
 /// Label: a device name (`cpu:0`).
 pub const LABEL_DEVICE: &str = "device";
+/// Label: a MoE layer index.
+pub const LABEL_LAYER: &str = "layer";
 
 /// Buckets of [`COMPUTE_SECONDS`]: 50 µs to 5 s.
 const COMPUTE_BUCKETS: [f64; 16] = [
@@ -69,6 +73,7 @@ pub struct WorkerMetrics {
     registry: Registry,
     pub dispatch_requests: IntCounterVec,
     pub dispatch_rows: IntCounter,
+    pub expert_tokens: IntCounterVec,
     pub compute_seconds: HistogramVec,
     pub device_restarts: IntCounterVec,
     pub expert_bytes: IntGaugeVec,
@@ -92,6 +97,13 @@ impl WorkerMetrics {
             DISPATCH_ROWS_TOTAL,
             "Rows received in valid dispatch requests.",
         ))?;
+        let expert_tokens = IntCounterVec::new(
+            Opts::new(
+                EXPERT_TOKENS_TOTAL,
+                "Token-expert slots a device computed, by MoE layer (the load of each layer on each device).",
+            ),
+            &[LABEL_LAYER, LABEL_DEVICE],
+        )?;
         let compute_seconds = HistogramVec::new(
             HistogramOpts::new(
                 COMPUTE_SECONDS,
@@ -121,6 +133,7 @@ impl WorkerMetrics {
         ))?;
         registry.register(Box::new(dispatch_requests.clone()))?;
         registry.register(Box::new(dispatch_rows.clone()))?;
+        registry.register(Box::new(expert_tokens.clone()))?;
         registry.register(Box::new(compute_seconds.clone()))?;
         registry.register(Box::new(device_restarts.clone()))?;
         registry.register(Box::new(expert_bytes.clone()))?;
@@ -140,6 +153,7 @@ impl WorkerMetrics {
             registry,
             dispatch_requests,
             dispatch_rows,
+            expert_tokens,
             compute_seconds,
             device_restarts,
             expert_bytes,

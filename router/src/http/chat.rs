@@ -10,14 +10,20 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use super::choices;
 use super::errors::ApiError;
-use super::params::{self, Knobs, StreamOptions};
+use super::params::{self, StreamOptions};
+use super::responses::{
+    event_data, AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
+    ChatDelta, ErrorResponse, Finish,
+};
 use super::{logprobs, models, unix_now, HttpState};
 use crate::chat_template::ChatMessage;
 use crate::grpc::Api;
+use crate::request::{reject_unknown, SamplingFields};
 use crate::scheduler::Event;
 
 /// Known OpenAI chat fields this server refuses rather than ignores.
@@ -41,99 +47,134 @@ const REFUSED: &[&str] = &[
     "suffix",
 ];
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Message {
-    role: String,
-    content: Value,
-    #[serde(default)]
-    #[allow(dead_code)]
-    name: Option<String>,
+/// A message's content: a string, or a list of parts (only `text` parts).
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
 }
 
-/// The OpenAI chat completions body (unknown fields are rejected).
-#[derive(Deserialize)]
+/// One part of a message's content.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ChatBody {
+pub struct ContentPart {
+    /// `text` (other types are refused).
+    #[serde(rename = "type")]
+    pub kind: String,
     #[serde(default)]
-    model: Option<String>,
-    messages: Vec<Message>,
+    pub text: Option<String>,
+}
+
+/// One message of the conversation.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    pub content: Content,
+    /// Accepted; templates do not use it.
     #[serde(default)]
-    max_tokens: Option<u32>,
+    #[allow(dead_code)]
+    pub name: Option<String>,
+}
+
+/// The OpenAI chat completions body: these fields and the sampling fields; any other
+/// field is refused by name (400), never ignored.
+#[derive(Deserialize, ToSchema)]
+pub struct ChatCompletionRequest {
+    /// A served model name (`GET /v1/models`); default the first.
     #[serde(default)]
-    max_completion_tokens: Option<u32>,
+    pub model: Option<String>,
+    pub messages: Vec<Message>,
+    /// Most tokens to generate; default: what the context leaves.
     #[serde(default)]
-    logprobs: bool,
+    pub max_tokens: Option<u32>,
+    /// The same as `max_tokens` (wins when both are given).
     #[serde(default)]
-    top_logprobs: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    /// Return the log-probability of each generated token.
     #[serde(default)]
-    n: Option<u32>,
+    pub logprobs: bool,
+    /// With `logprobs`: this many top alternatives per token.
     #[serde(default)]
-    stream: bool,
+    pub top_logprobs: Option<u32>,
+    /// Independent samples; with `seed`, sample i uses seed + i.
     #[serde(default)]
-    stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    /// Answer with server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
     /// Accepted for compatibility; never logged or stored.
     #[serde(default)]
     #[allow(dead_code)]
-    user: Option<String>,
+    pub user: Option<String>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    rest: Map<String, Value>,
 }
 
-/// The messages as the template sees them: known roles, text content only.
+/// The messages as the template sees them: text content only (roles are checked with
+/// the rest of the conversation by [`crate::chat_template::ChatTemplate::prompt_ids`]).
 fn messages(list: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
-    if list.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "at least one message is needed",
-        ));
-    }
     list.into_iter()
         .enumerate()
         .map(|(i, m)| {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-                return Err(ApiError::invalid(
-                    &format!("messages[{i}].role"),
-                    format!("role `{}` is not supported (system, user, assistant)", m.role),
-                ));
-            }
             let content = match m.content {
-                Value::String(s) => s,
-                Value::Array(parts) => {
+                Content::Text(s) => s,
+                Content::Parts(parts) => {
                     let mut text = String::new();
-                    for (j, p) in parts.iter().enumerate() {
+                    for (j, p) in parts.into_iter().enumerate() {
                         let field = format!("messages[{i}].content[{j}]");
-                        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                            (Some("text"), Some(t)) => text.push_str(t),
-                            (Some("text"), None) => return Err(ApiError::invalid(&field, "a text part needs `text`")),
-                            (Some(other), _) => {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            ("text", None) => {
+                                return Err(ApiError::invalid(&field, "a text part needs `text`"))
+                            }
+                            (other, _) => {
                                 return Err(ApiError::invalid(
                                     &format!("{field}.type"),
-                                    format!("content parts of type `{other}` are not supported (only `text`)"),
+                                    format!(
+                                        "content parts of type `{other}` are not supported \
+                                         (only `text`)"
+                                    ),
                                 ))
                             }
-                            (None, _) => return Err(ApiError::invalid(&field, "a content part needs `type`")),
                         }
                     }
                     text
                 }
-                _ => {
-                    return Err(ApiError::invalid(
-                        &format!("messages[{i}].content"),
-                        "must be a string or a list of text parts",
-                    ))
-                }
             };
-            Ok(ChatMessage { role: m.role, content })
+            Ok(ChatMessage {
+                role: m.role,
+                content,
+            })
         })
         .collect()
 }
 
-/// The route's handler: an [`ApiError`] answers in OpenAI's error shape.
+/// Answers a conversation; an [`ApiError`] answers in OpenAI's error shape.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", operation_id = "createChatCompletion",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The answer; with `stream: true`, `text/event-stream` \
+            of `ChatChunk` events ended by `data: [DONE]`", body = ChatCompletion),
+        (status = 400, description = "invalid request, or the model has no chat template",
+            body = ErrorResponse),
+        (status = 401, body = ErrorResponse),
+        (status = 404, description = "model not served", body = ErrorResponse),
+        (status = 413, body = ErrorResponse), (status = 429, body = ErrorResponse),
+        (status = 503, body = ErrorResponse)))]
 pub async fn handle(
     State(s): State<HttpState>,
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let bytes: &[u8] = &bytes;
-    let (body, mut knobs): (ChatBody, Knobs) = params::parse(bytes, REFUSED)?;
+    let body: ChatCompletionRequest = params::parse(&bytes)?;
+    reject_unknown(&body.rest, REFUSED)?;
     let model = models::resolve(&s, body.model.as_deref())?;
     if body.stream_options.is_some() && !body.stream {
         return Err(ApiError::invalid(
@@ -144,33 +185,18 @@ pub async fn handle(
     if body.top_logprobs.is_some() && !body.logprobs {
         return Err(ApiError::invalid("top_logprobs", "needs `logprobs: true`"));
     }
-    let Some(template) = s.chat_template.clone() else {
-        return Err(ApiError::invalid(
-            "messages",
-            "this model has no chat template (none in tokenizer_config.json, no \
-             chat_template.jinja); start the server with --chat-template FILE, or use \
-             /v1/completions",
-        ));
-    };
-    let rendered = template.render(&messages(body.messages)?)?;
-    // The template writes BOS itself when the model wants one: never add a second.
-    let add_bos = template.bos_token.is_empty() || !rendered.starts_with(&template.bos_token);
-    let ids = s
-        .api
-        .tokenizer
-        .encode(&rendered, add_bos)
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let ids = s.api.chat_prompt(&messages(body.messages)?)?;
     let n = params::check_n(body.n, 1)?;
-    knobs.logprobs = body.logprobs.then_some(body.top_logprobs.unwrap_or(0));
+    let logprobs = body.logprobs.then_some(body.top_logprobs.unwrap_or(0));
     let max_tokens = body.max_completion_tokens.or(body.max_tokens).unwrap_or(
         // No limit given: as much as the context allows (request::build caps it).
         s.api.spec.max_position_embeddings as u32,
     );
     let mut reqs = Vec::new();
     for i in 0..n {
-        let mut r = knobs.request(max_tokens)?;
+        let mut r = body.sampling.request(max_tokens, logprobs)?;
         r.prompt_token_ids = Some(ids.clone());
-        r.sampling.seed = params::sample_seed(knobs.seed, i);
+        r.sampling.seed = params::sample_seed(body.sampling.seed, i);
         reqs.push(r);
     }
     let rxs = choices::start(&s.api, reqs)?;
@@ -182,60 +208,83 @@ pub async fn handle(
         let done = choices::collect(rxs).await?;
         let usage =
             choices::total_usage(&done.iter().map(|f| f.usage.clone()).collect::<Vec<_>>(), n);
-        let choices: Vec<Value> = done
+        let choices = done
             .into_iter()
             .enumerate()
-            .map(|(i, f)| {
-                let lp = with_logprobs.then(|| json!({"content": logprobs::chat(&tok, &f.tokens)}));
-                json!({"index": i, "message": {"role": "assistant", "content": f.text},
-                       "logprobs": lp, "finish_reason": f.reason.map(|r| r.as_str())})
+            .map(|(i, f)| ChatChoice {
+                index: i,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: f.text,
+                },
+                logprobs: with_logprobs.then(|| logprobs::chat(&tok, &f.tokens)),
+                finish_reason: f.reason.map(Finish::from),
             })
             .collect();
-        return Ok(Json(
-            json!({"id": id, "object": "chat.completion", "created": created,
-            "model": model, "choices": choices, "usage": usage}),
-        )
+        return Ok(Json(ChatCompletion {
+            id,
+            object: "chat.completion".into(),
+            created,
+            model,
+            choices,
+            usage,
+        })
         .into_response());
     }
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-    let chunk = {
-        let (id, model) = (id.clone(), model.clone());
-        move |choices: Value| {
-            json!({"id": id, "object": "chat.completion.chunk",
-                                      "created": created, "model": model, "choices": choices})
-        }
+    let chunk = move |choices: Vec<ChatChunkChoice>, usage| {
+        event_data(&ChatChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk".into(),
+            created,
+            model: model.clone(),
+            choices,
+            usage,
+        })
     };
-    let head: Vec<Value> = (0..n)
+    let piece = |index: usize, delta: ChatDelta| ChatChunkChoice {
+        index,
+        delta,
+        logprobs: None,
+        finish_reason: None,
+    };
+    let head: Vec<String> = (0..n)
         .map(|i| {
-            chunk(
-                json!([{"index": i, "delta": {"role": "assistant", "content": ""},
-                               "logprobs": null, "finish_reason": null}]),
-            )
+            let delta = ChatDelta {
+                role: Some("assistant".into()),
+                content: Some(String::new()),
+            };
+            chunk(vec![piece(i, delta)], None)
         })
         .collect();
     let mut usages = vec![Default::default(); n];
     let mut finished = 0;
     let events = choices::merged(rxs).map(move |(i, ev)| match ev {
         Event::Tokens { tokens, text } => {
-            let lp = with_logprobs.then(|| json!({"content": logprobs::chat(&tok, &tokens)}));
-            vec![chunk(
-                json!([{"index": i, "delta": {"content": text}, "logprobs": lp,
-                               "finish_reason": null}]),
-            )]
+            let delta = ChatDelta {
+                role: None,
+                content: Some(text),
+            };
+            let c = ChatChunkChoice {
+                logprobs: with_logprobs.then(|| logprobs::chat(&tok, &tokens)),
+                ..piece(i, delta)
+            };
+            vec![chunk(vec![c], None)]
         }
         Event::Done { reason, usage } => {
             usages[i] = usage;
             finished += 1;
-            let mut out = vec![chunk(json!([{"index": i, "delta": {}, "logprobs": null,
-                                             "finish_reason": reason.as_str()}]))];
+            let c = ChatChunkChoice {
+                finish_reason: Some(reason.into()),
+                ..piece(i, ChatDelta::default())
+            };
+            let mut out = vec![chunk(vec![c], None)];
             if finished == n && include_usage {
-                let mut last = chunk(json!([]));
-                last["usage"] = choices::total_usage(&usages, n);
-                out.push(last);
+                out.push(chunk(Vec::new(), Some(choices::total_usage(&usages, n))));
             }
             out
         }
-        Event::Error(e) => vec![ApiError::from(e).body()],
+        Event::Error(e) => vec![event_data(&ApiError::from(e).response())],
     });
     Ok(super::sse(
         futures::stream::iter(head).chain(events.flat_map(futures::stream::iter)),

@@ -17,6 +17,8 @@ use crate::ServeError;
 /// Submits every request (in choice order); the first refusal fails them all.
 pub fn start(api: &Api, reqs: Vec<ClientRequest>) -> Result<Vec<Receiver<Event>>, ApiError> {
     let base = Api::new_request_id("");
+    let span = tracing::info_span!("request", request_id = %base, api = "http");
+    let _in_span = span.enter();
     reqs.into_iter()
         .enumerate()
         .map(|(i, r)| api.start(r, format!("{base}-{i}")).map_err(ApiError::from))
@@ -67,19 +69,14 @@ pub fn merged(rxs: Vec<Receiver<Event>>) -> impl Stream<Item = (usize, Event)> +
     )
 }
 
-/// OpenAI's `usage`: prompts counted once each (not once per sample).
-pub fn usage_json(prompt_tokens: u32, completion_tokens: u32) -> serde_json::Value {
-    serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                       "total_tokens": prompt_tokens + completion_tokens})
-}
-
-/// Sums usage over choices where choice `i` belongs to prompt `i / n`.
-pub fn total_usage(usages: &[Usage], n: usize) -> serde_json::Value {
+/// Sums usage over choices where choice `i` belongs to prompt `i / n` (prompts counted
+/// once each, not once per sample).
+pub fn total_usage(usages: &[Usage], n: usize) -> super::responses::Usage {
     let prompt: u32 = usages
         .iter()
         .step_by(n.max(1))
         .map(|u| u.prompt_tokens)
         .sum();
     let completion: u32 = usages.iter().map(|u| u.completion_tokens).sum();
-    usage_json(prompt, completion)
+    super::responses::Usage::new(prompt, completion)
 }

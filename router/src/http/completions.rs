@@ -8,13 +8,16 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use super::choices::{self, Finished};
 use super::errors::ApiError;
-use super::params::{self, Knobs, StreamOptions};
+use super::params::{self, StreamOptions};
+use super::responses::{event_data, Completion, CompletionChoice, ErrorResponse, Finish};
 use super::{logprobs, models, unix_now, HttpState};
 use crate::grpc::Api;
+use crate::request::{reject_unknown, SamplingFields};
 use crate::scheduler::Event;
 
 /// Known OpenAI completions fields this server refuses rather than ignores.
@@ -29,38 +32,51 @@ const REFUSED: &[&str] = &[
     "function_call",
 ];
 
-#[derive(Deserialize)]
+/// One prompt or a list: text, or token ids.
+#[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
-enum Prompt {
+pub enum Prompt {
     Text(String),
     Texts(Vec<String>),
     Ids(Vec<u32>),
     IdLists(Vec<Vec<u32>>),
 }
 
-/// The OpenAI completions body (unknown fields are rejected).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CompletionBody {
+/// The OpenAI completions body: these fields and the sampling fields; any other field is
+/// refused by name (400), never ignored.
+#[derive(Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    /// A served model name (`GET /v1/models`); default the first.
     #[serde(default)]
-    model: Option<String>,
-    prompt: Prompt,
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    /// Most tokens to generate per choice; default 16 (capped by the context).
     #[serde(default)]
-    max_tokens: Option<u32>,
+    pub max_tokens: Option<u32>,
+    /// Return log-probabilities with this many top alternatives per token.
     #[serde(default)]
-    logprobs: Option<u32>,
+    pub logprobs: Option<u32>,
+    /// Samples per prompt (choice index = prompt × n + sample); with `seed`, sample i
+    /// uses seed + i.
     #[serde(default)]
-    n: Option<u32>,
+    pub n: Option<u32>,
+    /// Put the prompt before the completion in `text`.
     #[serde(default)]
-    echo: bool,
+    pub echo: bool,
+    /// Answer with server-sent events.
     #[serde(default)]
-    stream: bool,
+    pub stream: bool,
     #[serde(default)]
-    stream_options: Option<StreamOptions>,
+    pub stream_options: Option<StreamOptions>,
     /// Accepted for compatibility; never logged or stored.
     #[serde(default)]
     #[allow(dead_code)]
-    user: Option<String>,
+    pub user: Option<String>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    rest: Map<String, Value>,
 }
 
 /// One prompt: its text for `echo`, and the request's prompt form.
@@ -106,13 +122,22 @@ fn prompts(s: &HttpState, p: Prompt) -> Result<Vec<OnePrompt>, ApiError> {
     Ok(list)
 }
 
-/// The route's handler: an [`ApiError`] answers in OpenAI's error shape.
+/// Completes prompts; an [`ApiError`] answers in OpenAI's error shape.
+#[utoipa::path(post, path = "/v1/completions", tag = "openai", operation_id = "createCompletion",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "A completion; with `stream: true`, `text/event-stream` \
+            of `Completion` chunks ended by `data: [DONE]`", body = Completion),
+        (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+        (status = 404, description = "model not served", body = ErrorResponse),
+        (status = 413, body = ErrorResponse), (status = 429, body = ErrorResponse),
+        (status = 503, body = ErrorResponse)))]
 pub async fn handle(
     State(s): State<HttpState>,
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let bytes: &[u8] = &bytes;
-    let (body, mut knobs): (CompletionBody, Knobs) = params::parse(bytes, REFUSED)?;
+    let body: CompletionRequest = params::parse(&bytes)?;
+    reject_unknown(&body.rest, REFUSED)?;
     let model = models::resolve(&s, body.model.as_deref())?;
     if body.stream_options.is_some() && !body.stream {
         return Err(ApiError::invalid(
@@ -128,15 +153,16 @@ pub async fn handle(
     }
     let prompts = prompts(&s, body.prompt)?;
     let n = params::check_n(body.n, prompts.len())?;
-    knobs.logprobs = body.logprobs;
     let mut reqs = Vec::new();
     let mut echoes = Vec::new();
     for p in &prompts {
         for i in 0..n {
-            let mut r = knobs.request(body.max_tokens.unwrap_or(16))?;
+            let mut r = body
+                .sampling
+                .request(body.max_tokens.unwrap_or(16), body.logprobs)?;
             r.prompt = p.text.clone();
             r.prompt_token_ids = p.ids.clone();
-            r.sampling.seed = params::sample_seed(knobs.seed, i);
+            r.sampling.seed = params::sample_seed(body.sampling.seed, i);
             reqs.push(r);
             echoes.push(if body.echo {
                 p.echo_text.clone()
@@ -153,36 +179,48 @@ pub async fn handle(
         let done = choices::collect(rxs).await?;
         let usage =
             choices::total_usage(&done.iter().map(|f| f.usage.clone()).collect::<Vec<_>>(), n);
-        let choices: Vec<Value> = done
+        let choices = done
             .into_iter()
             .zip(echoes)
             .enumerate()
             .map(|(i, (f, echo))| choice(&s, i, f, echo, with_logprobs))
             .collect();
-        return Ok(Json(
-            json!({"id": id, "object": "text_completion", "created": created,
-            "model": model, "choices": choices, "usage": usage}),
-        )
+        return Ok(Json(Completion {
+            id,
+            object: "text_completion".into(),
+            created,
+            model,
+            choices,
+            usage: Some(usage),
+        })
         .into_response());
     }
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-    let chunk = {
-        let (id, model) = (id.clone(), model.clone());
-        move |choices: Value| {
-            json!({"id": id, "object": "text_completion", "created": created,
-                                      "model": model, "choices": choices})
-        }
+    let chunk = move |choices: Vec<CompletionChoice>, usage| {
+        event_data(&Completion {
+            id: id.clone(),
+            object: "text_completion".into(),
+            created,
+            model: model.clone(),
+            choices,
+            usage,
+        })
+    };
+    let piece = |index: usize, text: String| CompletionChoice {
+        index,
+        text,
+        token_ids: None,
+        logprobs: None,
+        finish_reason: None,
     };
     let tok = s.api.tokenizer.clone();
     let mut offsets: Vec<usize> = echoes.iter().map(|e| e.chars().count()).collect();
     let mut usages = vec![Default::default(); echoes.len()];
-    let head: Vec<Value> = echoes
+    let head: Vec<String> = echoes
         .iter()
         .enumerate()
         .filter(|(_, e)| !e.is_empty())
-        .map(|(i, e)| {
-            chunk(json!([{"index": i, "text": e, "logprobs": null, "finish_reason": null}]))
-        })
+        .map(|(i, e)| chunk(vec![piece(i, e.clone())], None))
         .collect();
     let total = echoes.len();
     let mut finished = 0;
@@ -190,32 +228,49 @@ pub async fn handle(
         Event::Tokens { tokens, text } => {
             let lp = with_logprobs.then(|| logprobs::completion(&tok, &tokens, &mut offsets[i]));
             vec![chunk(
-                json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}]),
+                vec![CompletionChoice {
+                    logprobs: lp,
+                    ..piece(i, text)
+                }],
+                None,
             )]
         }
         Event::Done { reason, usage } => {
             usages[i] = usage;
             finished += 1;
-            let mut out = vec![chunk(json!([{"index": i, "text": "", "logprobs": null,
-                                             "finish_reason": reason.as_str()}]))];
+            let mut out = vec![chunk(
+                vec![CompletionChoice {
+                    finish_reason: Some(reason.into()),
+                    ..piece(i, String::new())
+                }],
+                None,
+            )];
             if finished == total && include_usage {
-                let mut last = chunk(json!([]));
-                last["usage"] = choices::total_usage(&usages, n);
-                out.push(last);
+                out.push(chunk(Vec::new(), Some(choices::total_usage(&usages, n))));
             }
             out
         }
-        Event::Error(e) => vec![ApiError::from(e).body()],
+        Event::Error(e) => vec![event_data(&ApiError::from(e).response())],
     });
     Ok(super::sse(
         futures::stream::iter(head).chain(events.flat_map(futures::stream::iter)),
     ))
 }
 
-fn choice(s: &HttpState, i: usize, f: Finished, echo: String, with_logprobs: bool) -> Value {
+fn choice(
+    s: &HttpState,
+    i: usize,
+    f: Finished,
+    echo: String,
+    with_logprobs: bool,
+) -> CompletionChoice {
     let mut offset = echo.chars().count();
     let lp = with_logprobs.then(|| logprobs::completion(&s.api.tokenizer, &f.tokens, &mut offset));
-    let ids: Vec<u32> = f.tokens.iter().map(|t| t.token_id).collect();
-    json!({"index": i, "text": echo + &f.text, "token_ids": ids, "logprobs": lp,
-           "finish_reason": f.reason.map(|r| r.as_str())})
+    CompletionChoice {
+        index: i,
+        text: echo + &f.text,
+        token_ids: Some(f.tokens.iter().map(|t| t.token_id).collect()),
+        logprobs: lp,
+        finish_reason: f.reason.map(Finish::from),
+    }
 }

@@ -9,7 +9,8 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+
+use super::responses::{ErrorDetail, ErrorResponse};
 
 use crate::ServeError;
 
@@ -105,16 +106,27 @@ impl From<ServeError> for ApiError {
 }
 
 impl ApiError {
-    /// The JSON body (also sent as an SSE event when a stream fails midway).
+    /// The typed body (also sent as an SSE event when a stream fails midway).
+    pub fn response(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind().to_owned(),
+                param: self.param.clone(),
+                code: self.code.map(str::to_owned),
+            },
+        }
+    }
+
+    /// The body as JSON.
     pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"message": self.message, "type": self.kind(), "param": self.param,
-                         "code": self.code}})
+        serde_json::to_value(self.response()).unwrap_or_default()
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        (self.status, Json(self.response())).into_response()
     }
 }
 

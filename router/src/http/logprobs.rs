@@ -5,8 +5,11 @@
 //! `bytes`, `top_logprobs`). A token's text is its own decoding (byte-level pieces of a
 //! multi-byte character decode to U+FFFD); `text_offset` counts characters of those texts.
 
+use std::collections::BTreeMap;
+
 use moe_model::{Sampled, Tokenizer};
-use serde_json::{json, Map, Value};
+
+use super::responses::{ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob};
 
 fn token_text(tok: &Tokenizer, id: u32) -> String {
     tok.decode(&[id], false).unwrap_or_default()
@@ -14,42 +17,57 @@ fn token_text(tok: &Tokenizer, id: u32) -> String {
 
 /// Completions shape for `tokens`; `offset` is the character offset of the first one in
 /// the choice's text, advanced past them.
-pub fn completion(tok: &Tokenizer, tokens: &[Sampled], offset: &mut usize) -> Value {
-    let mut texts = Vec::new();
-    let mut lps = Vec::new();
-    let mut tops = Vec::new();
-    let mut offsets = Vec::new();
+pub fn completion(tok: &Tokenizer, tokens: &[Sampled], offset: &mut usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs {
+        tokens: Vec::new(),
+        token_logprobs: Vec::new(),
+        top_logprobs: Vec::new(),
+        text_offset: Vec::new(),
+    };
     for t in tokens {
         let text = token_text(tok, t.token_id);
-        offsets.push(*offset);
+        out.text_offset.push(*offset);
         *offset += text.chars().count();
-        texts.push(text);
-        lps.push(t.logprob);
-        let mut top = Map::new();
+        out.tokens.push(text);
+        out.token_logprobs.push(t.logprob);
+        let mut top = BTreeMap::new();
         for (id, lp) in &t.top_logprobs {
-            top.entry(token_text(tok, *id)).or_insert(json!(lp));
+            top.entry(token_text(tok, *id)).or_insert(*lp);
         }
-        tops.push(Value::Object(top));
+        out.top_logprobs.push(top);
     }
-    json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+    out
 }
 
-/// Chat shape: the `content` entries for `tokens`.
-pub fn chat(tok: &Tokenizer, tokens: &[Sampled]) -> Vec<Value> {
-    let entry = |id: u32, lp: f32| {
-        let text = token_text(tok, id);
-        json!({"token": text, "logprob": lp, "bytes": text.as_bytes()})
+/// Chat shape for `tokens`.
+pub fn chat(tok: &Tokenizer, tokens: &[Sampled]) -> ChatLogprobs {
+    let top = |id: u32, logprob: f32| {
+        let token = token_text(tok, id);
+        TopLogprob {
+            bytes: token.as_bytes().to_vec(),
+            token,
+            logprob,
+        }
     };
-    tokens
+    let content = tokens
         .iter()
         .map(|t| {
-            let mut e = entry(t.token_id, t.logprob);
-            e["top_logprobs"] = t
-                .top_logprobs
-                .iter()
-                .map(|(id, lp)| entry(*id, *lp))
-                .collect();
-            e
+            let TopLogprob {
+                token,
+                logprob,
+                bytes,
+            } = top(t.token_id, t.logprob);
+            TokenLogprob {
+                token,
+                logprob,
+                bytes,
+                top_logprobs: t
+                    .top_logprobs
+                    .iter()
+                    .map(|(id, lp)| top(*id, *lp))
+                    .collect(),
+            }
         })
-        .collect()
+        .collect();
+    ChatLogprobs { content }
 }

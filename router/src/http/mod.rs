@@ -1,7 +1,8 @@
 //! The router's HTTP port: Prometheus `/metrics`, `/health`, `/v1/cluster`, and the
 //! OpenAI-compatible API over the same engine as the gRPC API: `/v1/completions`,
 //! `/v1/chat/completions` (JSON, or server-sent events with `"stream": true`) and
-//! `/v1/models`. Every error of the API is in OpenAI's shape ([`errors`]).
+//! `/v1/models`, described by `/openapi.json` ([`openapi`], from the same types).
+//! Every error of the API is in OpenAI's shape ([`errors`]).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,6 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::chat_template::ChatTemplate;
 use crate::grpc::Api;
 
 mod chat;
@@ -25,7 +25,9 @@ mod completions;
 pub mod errors;
 mod logprobs;
 mod models;
+pub mod openapi;
 mod params;
+pub mod responses;
 
 /// Largest request body, bytes (axum's default is 2 MiB; long prompts of token ids need more).
 pub const MAX_BODY_BYTES: usize = 16 << 20;
@@ -44,8 +46,6 @@ pub struct HttpState {
     pub placement: crate::cluster_status::PlacementSource,
     /// Membership, controller and routers, with `--etcd`.
     pub cluster: Option<Arc<crate::elastic::ClusterView>>,
-    /// The chat template; `None`: chat requests get a 400.
-    pub chat_template: Option<Arc<ChatTemplate>>,
     /// When the router started (Unix seconds): the models' `created`.
     pub created: u64,
     /// Keys `/v1/*` requires (empty: open).
@@ -69,13 +69,14 @@ pub fn router(state: HttpState) -> Router {
         .route("/health", get(health))
         .route("/health/live", get(live))
         .route("/v1/cluster", get(cluster))
+        .route("/openapi.json", get(openapi::serve))
         .merge(api)
         .with_state(state)
 }
 
 /// Middleware on the OpenAI API: `Authorization: Bearer <key>` or a 401 in OpenAI's
 /// shape (`invalid_api_key`, which the openai client raises as `AuthenticationError`).
-/// `/health`, `/health/live`, `/metrics` and `/v1/cluster` are outside it: probes and
+/// `/health`, `/health/live`, `/metrics`, `/v1/cluster` and `/openapi.json` are outside it: probes and
 /// Prometheus scrape without secrets, and none of them carries request content.
 async fn require_key(
     State(keys): State<crate::api_keys::ApiKeys>,
@@ -106,9 +107,9 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Server-sent events: one `data:` line per JSON value, then `data: [DONE]`.
-fn sse(s: impl futures::Stream<Item = Value> + Send + 'static) -> Response {
-    let events = s.map(|v| Ok::<_, Infallible>(SseEvent::default().data(v.to_string())));
+/// Server-sent events: one `data:` line per JSON text, then `data: [DONE]`.
+fn sse(s: impl futures::Stream<Item = String> + Send + 'static) -> Response {
+    let events = s.map(|v| Ok::<_, Infallible>(SseEvent::default().data(v)));
     let done = futures::stream::once(async { Ok(SseEvent::default().data("[DONE]")) });
     Sse::new(events.chain(done)).into_response()
 }

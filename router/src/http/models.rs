@@ -4,23 +4,33 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
 
 use super::errors::ApiError;
+use super::responses::{ModelCard, ModelList};
 use super::HttpState;
 
-pub async fn list(State(s): State<HttpState>) -> Json<Value> {
-    let data: Vec<Value> = s
+/// The served model names.
+#[utoipa::path(get, path = "/v1/models", tag = "openai", operation_id = "listModels",
+    responses((status = 200, body = ModelList), (status = 401, body = super::responses::ErrorResponse)))]
+pub async fn list(State(s): State<HttpState>) -> Json<ModelList> {
+    let data = s
         .api
         .served_model_names
         .iter()
-        .map(|name| {
-            json!({"id": name, "object": "model", "created": s.created, "owned_by": "moe-cluster",
-                   "root": name, "architecture": s.api.spec.arch.hf_class(),
-                   "max_model_len": s.api.spec.max_position_embeddings})
+        .map(|name| ModelCard {
+            id: name.clone(),
+            object: "model".into(),
+            created: s.created,
+            owned_by: "moe-cluster".into(),
+            root: name.clone(),
+            architecture: s.api.spec.arch.hf_class().to_owned(),
+            max_model_len: s.api.spec.max_position_embeddings,
         })
         .collect();
-    Json(json!({"object": "list", "data": data}))
+    Json(ModelList {
+        object: "list".into(),
+        data,
+    })
 }
 
 /// The name to answer with: the requested one when served, the first when none is given.
