@@ -28,6 +28,7 @@ mod models;
 pub mod openapi;
 mod params;
 pub mod responses;
+mod status_page;
 
 /// Largest request body, bytes (axum's default is 2 MiB; long prompts of token ids need more).
 pub const MAX_BODY_BYTES: usize = 16 << 20;
@@ -70,6 +71,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/health/live", get(live))
         .route("/v1/cluster", get(cluster))
         .route("/openapi.json", get(openapi::serve))
+        .route("/", get(status_page::page))
+        .route("/v1/status", get(status_page::status))
         .merge(api)
         .with_state(state)
 }
