@@ -136,3 +136,23 @@ print(f"check-monitoring: {dashboard_path}: {len(ids)} panels, {len(queries)} qu
       f"(written to {out_path})")
 EOF
 echo "check-monitoring: OK"
+
+# 4. The Kubernetes monitoring component carries the same rules and dashboard (kustomize
+#    loads files only from inside its root, so they are copies): a PrometheusRule whose
+#    spec is rules.yaml, and the dashboard JSON. `--write` refreshes them.
+comp=deploy/kubernetes/components/monitoring
+rule_obj() {
+    printf '%s\n' "# Generated from deploy/prometheus/rules.yaml by scripts/check-monitoring.sh --write." \
+        "apiVersion: monitoring.coreos.com/v1" "kind: PrometheusRule" "metadata:" \
+        "  name: moe-cluster" "  labels:" "    app.kubernetes.io/part-of: moe-cluster" "spec:"
+    grep -v '^#' deploy/prometheus/rules.yaml | sed 's/^\(.\)/  \1/'
+}
+if [ "${1:-}" = --write ]; then
+    rule_obj > "$comp/prometheusrule.yaml"
+    cp deploy/grafana/moe-cluster.json "$comp/moe-cluster.json"
+fi
+diff -q <(rule_obj) "$comp/prometheusrule.yaml" >/dev/null \
+    || { echo "check-monitoring: $comp/prometheusrule.yaml is stale: run scripts/check-monitoring.sh --write" >&2; exit 1; }
+cmp -s deploy/grafana/moe-cluster.json "$comp/moe-cluster.json" \
+    || { echo "check-monitoring: $comp/moe-cluster.json is stale: run scripts/check-monitoring.sh --write" >&2; exit 1; }
+echo "check-monitoring: the Kubernetes monitoring component matches rules.yaml and the dashboard"
