@@ -13,13 +13,13 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The python of the clients' venv: `$MOE_CLIENTS_PYTHON`, else what
-/// `scripts/python-clients.sh` prints last (it makes or reuses the venv).
-pub fn clients_python() -> String {
-    if let Ok(p) = std::env::var("MOE_CLIENTS_PYTHON") {
+/// A tool's path: `$env` when set, else the last line `scripts/<script>` prints (such
+/// scripts install or build the tool when it is missing, then print where it is).
+pub fn tool_path(env: &str, script: &str) -> String {
+    if let Ok(p) = std::env::var(env) {
         return p;
     }
-    let script = repo_root().join("scripts/python-clients.sh");
+    let script = repo_root().join("scripts").join(script);
     let out = Command::new("bash")
         .arg(&script)
         .output()
@@ -30,11 +30,37 @@ pub fn clients_python() -> String {
         script.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()
-        .expect("the script prints the python path")
-        .trim()
-        .to_owned()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| panic!("{} printed no path", script.display()))
+}
+
+/// The python of the clients' venv: `$MOE_CLIENTS_PYTHON`, else what
+/// `scripts/python-clients.sh` prints last (it makes or reuses the venv).
+pub fn clients_python() -> String {
+    tool_path("MOE_CLIENTS_PYTHON", "python-clients.sh")
+}
+
+/// Runs `tests/python/<script>` with the clients' python and `args`; panics with its
+/// output and `context` (the servers' logs) unless it exits 0 and prints `ALL OK`.
+pub fn run_client_script(script: &str, args: &[String], context: impl FnOnce() -> String) {
+    let python = clients_python();
+    let script = repo_root().join("tests/python").join(script);
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "`{python} {} …` failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{}\n--- servers ---\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        context()
+    );
 }

@@ -8,9 +8,8 @@
 //! with `$MOE_CLIENTS_PYTHON`, else the venv of `scripts/python-clients.sh`.
 
 use std::path::Path;
-use std::process::Command;
 
-use moe_tests::python::{clients_python, repo_root};
+use moe_tests::python::{repo_root, run_client_script};
 use moe_tests::{generate_json, tiny_checkpoint, Proc};
 use serde_json::{json, Value};
 
@@ -61,24 +60,15 @@ fn grpcio_client_generates_checks_health_and_reflects() {
     });
     let exp_file = dir.path().join("expected.json");
     std::fs::write(&exp_file, expected.to_string()).expect("write expectations");
-    let python = clients_python();
-    let script = repo_root().join("tests/python/grpc_client.py");
     let proto_dir = repo_root().join("proto/proto");
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg(serve.grpc.to_string())
-        .arg(&proto_dir)
-        .arg(&exp_file)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("ALL OK"),
-        "`{python} {} …` failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{}\n--- server ---\n{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        serve.describe()
+    run_client_script(
+        "grpc_client.py",
+        &[
+            serve.grpc.to_string(),
+            proto_dir.display().to_string(),
+            exp_file.display().to_string(),
+        ],
+        || serve.describe(),
     );
 }
 

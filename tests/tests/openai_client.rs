@@ -12,9 +12,8 @@
 //! (a cached venv with pinned packages from PyPI).
 
 use std::path::Path;
-use std::process::Command;
 
-use moe_tests::python::{clients_python, repo_root};
+use moe_tests::python::run_client_script;
 use moe_tests::{generate_json, tiny_checkpoint, Proc};
 use serde_json::{json, Value};
 
@@ -83,7 +82,6 @@ fn openai_python_client_matches_moe_generate() {
     let exp_file = dir.path().join("expected.json");
     std::fs::write(&exp_file, expected.to_string()).expect("write expectations");
 
-    let python = clients_python();
     let serve = Proc::serve(&model, &["--served-model-name", "tiny-dsv3,alias"]);
     // A router with its experts on a worker process, an API key, and room for one running
     // and one waiting request (for RateLimitError).
@@ -93,21 +91,13 @@ fn openai_python_client_matches_moe_generate() {
         &[&worker],
         &["--max-running", "1", "--max-waiting", "1", "--api-key", key],
     );
-    let script = repo_root().join("tests/python/openai_client.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg(format!("http://{}", serve.http))
-        .arg(format!("http://{}", router.http))
-        .arg(&exp_file)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("ALL OK"),
-        "`{python} {} …` failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{}\n--- server ---\n{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        serve.describe() + &router.describe() + &worker.describe()
+    run_client_script(
+        "openai_client.py",
+        &[
+            format!("http://{}", serve.http),
+            format!("http://{}", router.http),
+            exp_file.display().to_string(),
+        ],
+        || serve.describe() + &router.describe() + &worker.describe(),
     );
 }

@@ -177,26 +177,7 @@ fn artifacts_dir() -> PathBuf {
 /// `$MOE_CHROMIUM`, else what `scripts/chromium.sh` prints (it installs Debian's
 /// chromium when none is on PATH).
 fn chromium() -> String {
-    if let Ok(p) = std::env::var("MOE_CHROMIUM") {
-        return p;
-    }
-    let script = repo_root().join("scripts/chromium.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .last()
-        .map(|l| l.trim().to_owned())
-        .filter(|l| !l.is_empty())
-        .unwrap_or_else(|| panic!("{} printed no path", script.display()))
+    moe_tests::python::tool_path("MOE_CHROMIUM", "chromium.sh")
 }
 
 /// One headless Chromium with one page, driven over the DevTools protocol on a pipe.
