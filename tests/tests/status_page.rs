@@ -320,21 +320,19 @@ impl Browser {
     /// Polls what the page shows until `cond` holds; panics after [`DEADLINE`] with the
     /// last view. A page still loading (its script not run yet) reads as `null`.
     fn wait_for(&mut self, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + DEADLINE;
         let probe = format!(
             "(document.getElementById('heatmap') && window.MoeStatus) ? {SNAPSHOT_JS} : 'null'"
         );
-        loop {
-            let v = self.eval_json(&probe);
-            if cond(&v) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the page did not show {what} within {DEADLINE:?}; it shows {v}"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        let mut v = Value::Null;
+        let shown = wait_until(DEADLINE, || {
+            v = self.eval_json(&probe);
+            cond(&v)
+        });
+        assert!(
+            shown,
+            "the page did not show {what} within {DEADLINE:?}; it shows {v}"
+        );
+        v
     }
 
     /// Sets the viewport to [`VIEWPORT`]'s width and `height`.

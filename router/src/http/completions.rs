@@ -139,12 +139,7 @@ pub async fn handle(
     let body: CompletionRequest = params::parse(&bytes)?;
     reject_unknown(&body.rest, REFUSED)?;
     let model = models::resolve(&s, body.model.as_deref())?;
-    if body.stream_options.is_some() && !body.stream {
-        return Err(ApiError::invalid(
-            "stream_options",
-            "only allowed with `stream: true`",
-        ));
-    }
+    params::check_stream_options(body.stream, &body.stream_options)?;
     if body.echo && body.logprobs.is_some() {
         return Err(ApiError::invalid(
             "echo",

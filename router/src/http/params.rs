@@ -19,6 +19,17 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// `stream_options` only makes sense with `stream: true`.
+pub fn check_stream_options(stream: bool, options: &Option<StreamOptions>) -> Result<(), ApiError> {
+    if options.is_some() && !stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "only allowed with `stream: true`",
+        ));
+    }
+    Ok(())
+}
+
 /// The seed of sample `i` of `n`: the request's seed plus `i` (wrapping), so sample 0
 /// is what the same request with `n: 1` gives and every sample repeats run after run.
 pub fn sample_seed(seed: Option<u64>, i: usize) -> Option<u64> {
