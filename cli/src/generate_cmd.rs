@@ -188,7 +188,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         .enumerate()
         .map(|(i, r)| {
             let want_logprobs = r.sampling.logprobs.is_some();
-            (engine.submit(format!("line-{i}"), r), want_logprobs)
+            (engine.submit(format!("line-{i}"), None, r), want_logprobs)
         })
         .collect();
     let results: Vec<Result<Generated, String>> = receivers

@@ -72,6 +72,11 @@ impl MoeRequest<'_> {
 /// Computes MoE layers: returns `[n, hidden]`, row i = Σ_k weights[i,k] · FFN_{ids[i,k]}(rows[i]).
 pub trait ExpertBackend: Send + Sync {
     fn forward(&self, req: &MoeRequest<'_>) -> Result<Vec<f32>, ExpertError>;
+
+    /// Called by the engine before each step with the W3C `traceparent` values of the
+    /// step's requests that sent one; a remote backend passes them to the workers with
+    /// every dispatch of the step. In-process backends ignore them.
+    fn begin_step(&self, _traceparents: &[String]) {}
 }
 
 /// A SwiGLU feed-forward block with gate and up fused into one matrix.

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use moe_model::{FinishReason, ModelSpec, Tokenizer};
+use moe_proto::traceparent::TraceParent;
 use moe_proto::v1::generation_server::Generation;
 use moe_proto::v1::{
     GenerateRequest, GenerateResponse, GeneratedToken, ModelInfoRequest, ModelInfoResponse,
@@ -38,12 +39,16 @@ pub struct Api {
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(1);
 
+/// The longest client-chosen request id kept (`request_id`, `X-Request-Id`).
+const MAX_REQUEST_ID_LEN: usize = 128;
+
 impl Api {
     /// Validates and submits; the receiver yields the request's events.
     pub fn start(
         &self,
         req: ClientRequest,
         id: String,
+        trace: Option<TraceParent>,
     ) -> Result<tokio::sync::mpsc::Receiver<Event>, crate::ServeError> {
         let seq = build(req, &self.tokenizer, &self.spec).inspect_err(|e| {
             tracing::info!(request_id = %id, error = %e, "request refused");
@@ -53,7 +58,7 @@ impl Api {
                 .inc();
         })?;
         tracing::debug!(request_id = %id, prompt_tokens = seq.prompt.len(), max_tokens = seq.stop.max_tokens, "request accepted");
-        self.engine.submit(id, seq).inspect_err(|e| {
+        self.engine.submit(id, trace, seq).inspect_err(|e| {
             self.metrics
                 .requests
                 .with_label_values(&[e.outcome()])
@@ -69,11 +74,16 @@ impl Api {
         t.prompt_ids(&self.tokenizer, messages)
     }
 
+    /// The client's id when it gave a usable one (at most 128 visible ASCII characters),
+    /// else a new `req-N`.
     pub fn new_request_id(given: &str) -> String {
-        if given.is_empty() {
-            format!("req-{}", REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed))
-        } else {
+        let usable = !given.is_empty()
+            && given.len() <= MAX_REQUEST_ID_LEN
+            && given.bytes().all(|b| b.is_ascii_graphic());
+        if usable {
             given.to_owned()
+        } else {
+            format!("req-{}", REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed))
         }
     }
 }
@@ -128,12 +138,22 @@ impl Generation for Api {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let trace = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
         let req = request.into_inner();
         let id = Api::new_request_id(&req.request_id);
-        let span = tracing::info_span!("request", request_id = %id, api = "grpc");
+        let span = tracing::info_span!(
+            "request",
+            request_id = %id,
+            api = "grpc",
+            trace_id = trace.as_ref().map(|t| t.trace_id())
+        );
         let _in_span = span.enter();
         let rx = ClientRequest::from_proto(req, |messages| self.chat_prompt(messages))
-            .and_then(|r| self.start(r, id.clone()))
+            .and_then(|r| self.start(r, id.clone(), trace))
             .map_err(|e| e.to_status())?;
         let stream = ReceiverStream::new(rx).map(move |ev| to_proto(ev, &id));
         Ok(Response::new(Box::pin(stream)))

@@ -46,10 +46,9 @@ pub const LAYER_IMBALANCE: &str = "moe_layer_load_imbalance";
 pub const BUILD_INFO: &str = "moe_build_info";
 pub const MAX_WAITING: &str = "moe_max_num_requests_waiting";
 
-/// The version and commit this binary was built from (`MOE_GIT_COMMIT` at build time,
-/// else what `git` said, else "unknown").
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-pub const GIT_COMMIT: &str = env!("MOE_GIT_COMMIT");
+/// The version and commit this binary was built from (recorded by the worker crate's
+/// `build.rs`: one build, one identity).
+pub use moe_worker::metrics::{GIT_COMMIT, VERSION};
 
 /// Latency buckets from 1 ms to ~30 s.
 fn latency_buckets() -> Vec<f64> {

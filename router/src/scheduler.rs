@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use moe_model::kv_cache::KvPool;
 use moe_model::sequence::Sequence;
 use moe_model::{ExpertBackend, FinishReason, Model, Sampled, SequenceRequest, StepSeq, Tokenizer};
+use moe_proto::traceparent::TraceParent;
 use tokio::sync::{mpsc, Notify};
 
 use crate::error::ServeError;
@@ -67,6 +68,8 @@ pub enum Event {
 /// One request handed to the engine.
 pub struct Job {
     pub id: String,
+    /// The client's W3C trace context, if it sent one.
+    pub trace: Option<TraceParent>,
     pub req: SequenceRequest,
     pub events: mpsc::Sender<Event>,
     pub arrived: Instant,
@@ -115,6 +118,7 @@ impl EngineHandle {
     pub fn submit(
         &self,
         id: String,
+        trace: Option<TraceParent>,
         req: SequenceRequest,
     ) -> Result<mpsc::Receiver<Event>, ServeError> {
         if self.shutting_down.load(Ordering::Acquire) {
@@ -127,6 +131,7 @@ impl EngineHandle {
         let (events, rx) = mpsc::channel(req.stop.max_tokens as usize + 2);
         let job = Job {
             id,
+            trace,
             req,
             events,
             arrived: Instant::now(),
@@ -173,6 +178,7 @@ impl EngineHandle {
 struct Running {
     _in_flight: InFlightGuard,
     id: String,
+    trace: Option<TraceParent>,
     seq: Sequence,
     events: mpsc::Sender<Event>,
     arrived: Instant,
@@ -299,6 +305,7 @@ impl Engine {
                 running.push(Running {
                     _in_flight: job._in_flight,
                     id: job.id,
+                    trace: job.trace,
                     seq,
                     events: job.events,
                     arrived: job.arrived,
@@ -335,6 +342,7 @@ impl Engine {
         let mut batch: Vec<StepSeq<'_>> = Vec::new();
         let mut members: Vec<(usize, bool)> = Vec::new();
         let mut prefill = false;
+        let mut traces: Vec<String> = Vec::new();
         for (i, r) in running.iter_mut().enumerate() {
             if budget == 0 {
                 break;
@@ -343,11 +351,13 @@ impl Engine {
             let (tokens, cache, sample) = r.seq.next_chunk(budget);
             budget = budget.saturating_sub(tokens.len());
             members.push((i, sample));
+            traces.extend(r.trace.as_ref().map(|t| t.to_string()));
             batch.push(StepSeq { tokens, cache });
         }
         m.step_tokens
             .observe(batch.iter().map(|b| b.tokens.len()).sum::<usize>() as f64);
         m.step_sequences.observe(batch.len() as f64);
+        self.backend.begin_step(&traces);
         let result = self.model.forward(&mut batch, self.backend.as_ref());
         drop(batch);
         m.step
@@ -361,7 +371,7 @@ impl Engine {
                     .iter()
                     .map(|(i, _)| running[*i].id.as_str())
                     .collect();
-                tracing::warn!(error = %e, request_ids = ?ids, "step failed; failing its requests");
+                tracing::warn!(error = %e, request_ids = ?ids, traceparents = ?traces, "step failed; failing its requests");
                 let mut failed: Vec<usize> = members.iter().map(|(i, _)| *i).collect();
                 failed.sort_unstable();
                 for i in failed.into_iter().rev() {
@@ -415,7 +425,7 @@ impl Engine {
                             queue_time_ms: (r.admitted - r.arrived).as_secs_f64() * 1e3,
                         };
                         alive &= self.send(r, Event::Done { reason, usage });
-                        tracing::debug!(request_id = %r.id, reason = reason.as_str(), tokens = r.seq.generated().len(), "request finished");
+                        tracing::debug!(request_id = %r.id, trace_id = r.trace.as_ref().map(|t| t.trace_id()), reason = reason.as_str(), tokens = r.seq.generated().len(), "request finished");
                         m.e2e.observe((now - r.arrived).as_secs_f64());
                         m.requests
                             .with_label_values(&[if alive { "ok" } else { "cancelled" }])
@@ -432,7 +442,7 @@ impl Engine {
                 }
                 Err(e) => {
                     let e = ServeError::from(e);
-                    tracing::warn!(request_id = %r.id, error = %e, "sampling failed");
+                    tracing::warn!(request_id = %r.id, trace_id = r.trace.as_ref().map(|t| t.trace_id()), error = %e, "sampling failed");
                     m.requests.with_label_values(&[e.outcome()]).inc();
                     m.finished.with_label_values(&["error"]).inc();
                     let _ = self.send(r, Event::Error(e));

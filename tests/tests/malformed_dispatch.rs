@@ -82,6 +82,7 @@ async fn malformed_dispatch_gets_an_error_and_the_stream_and_worker_live_on() {
         top_k: top_k as u32,
         expert_ids: ids.clone(),
         expert_weights: weights.clone(),
+        traceparents: Vec::new(),
     };
 
     let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -26,6 +26,13 @@ pub const EXPERT_BYTES: &str = "moe_worker_expert_bytes";
 pub const HOSTED_EXPERTS: &str = "moe_worker_hosted_experts";
 /// Placement version of the last completed load.
 pub const PLACEMENT_VERSION: &str = "moe_worker_placement_version";
+/// Always 1: version, git commit and model of the binary (routers export the same name).
+pub const BUILD_INFO: &str = "moe_build_info";
+
+/// The version and commit this binary was built from (`MOE_GIT_COMMIT` at build time,
+/// else what `git` said, else "unknown"; see `build.rs`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const GIT_COMMIT: &str = env!("MOE_GIT_COMMIT");
 
 /// Label: the outcome of a dispatch request ([`Outcome`]).
 pub const LABEL_OUTCOME: &str = "outcome";
@@ -160,6 +167,21 @@ impl WorkerMetrics {
             hosted_experts,
             placement_version,
         })
+    }
+
+    /// Registers `moe_build_info` for a worker process serving `model`. Not part of
+    /// [`new`](Self::new): a standalone server exports its node's registry next to the
+    /// router's, which has its own.
+    pub fn set_build_info(&self, model: &str) -> Result<(), prometheus::Error> {
+        let info = IntGaugeVec::new(
+            Opts::new(
+                BUILD_INFO,
+                "Always 1: the version and git commit of this binary and the model it serves.",
+            ),
+            &["version", "git_commit", "model"],
+        )?;
+        info.with_label_values(&[VERSION, GIT_COMMIT, model]).set(1);
+        self.registry.register(Box::new(info))
     }
 
     /// The registry, for callers that export it together with their own metrics.

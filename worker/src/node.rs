@@ -78,6 +78,8 @@ struct NodeInner {
     core: Arc<NodeCore>,
     supervisor: ActorRef<SupervisorMsg>,
     worker_id: String,
+    /// The checkpoint directory's name (the model label of `moe_build_info`).
+    model_name: String,
     test_panic_at_compute: Option<u64>,
     /// Device computes sent so far (for the test hook).
     computes: AtomicU64,
@@ -134,6 +136,11 @@ impl Node {
                 core,
                 supervisor,
                 worker_id: cfg.worker_id,
+                model_name: cfg
+                    .model_dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".to_owned()),
                 test_panic_at_compute: cfg.test_panic_at_compute,
                 computes: AtomicU64::new(0),
                 placement_version: AtomicU64::new(0),
@@ -161,6 +168,11 @@ impl Node {
     /// This worker's identifier.
     pub fn worker_id(&self) -> &str {
         &self.inner.worker_id
+    }
+
+    /// The name of the checkpoint directory the node reads.
+    pub fn model_name(&self) -> &str {
+        &self.inner.model_name
     }
 
     /// The node's metrics (and their registry).

@@ -234,6 +234,7 @@ mod tests {
             top_k: top_k as u32,
             expert_ids: vec![0; rows * top_k],
             expert_weights: vec![0.5; rows * top_k],
+            traceparents: Vec::new(),
         }
     }
 

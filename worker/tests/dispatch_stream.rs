@@ -241,6 +241,7 @@ fn request(
         top_k: 2,
         expert_ids: ids.clone(),
         expert_weights: weights.clone(),
+        traceparents: Vec::new(),
     }
 }
 

@@ -22,7 +22,6 @@ use super::responses::{
 };
 use super::{logprobs, models, unix_now, HttpState};
 use crate::chat_template::ChatMessage;
-use crate::grpc::Api;
 use crate::request::{reject_unknown, SamplingFields};
 use crate::scheduler::Event;
 
@@ -171,6 +170,7 @@ fn messages(list: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
         (status = 503, body = ErrorResponse)))]
 pub async fn handle(
     State(s): State<HttpState>,
+    headers: axum::http::HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body: ChatCompletionRequest = params::parse(&bytes)?;
@@ -194,8 +194,8 @@ pub async fn handle(
         r.sampling.seed = params::sample_seed(body.sampling.seed, i);
         reqs.push(r);
     }
-    let rxs = choices::start(&s.api, reqs)?;
-    let id = format!("chatcmpl-{}", Api::new_request_id(""));
+    let (base, rxs) = choices::start(&s.api, reqs, &headers)?;
+    let id = format!("chatcmpl-{base}");
     let created = unix_now();
     let with_logprobs = body.logprobs;
     let tok = s.api.tokenizer.clone();

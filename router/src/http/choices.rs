@@ -3,8 +3,10 @@
 //! the choice's index. Dropping the receivers (a client that left, or one choice that
 //! failed) frees every sequence of the request at once.
 
+use axum::http::HeaderMap;
 use futures::stream::{self, Stream, StreamExt};
 use moe_model::{FinishReason, Sampled};
+use moe_proto::traceparent::TraceParent;
 use tokio::sync::mpsc::Receiver;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -14,15 +16,34 @@ use crate::request::ClientRequest;
 use crate::scheduler::{Event, Usage};
 use crate::ServeError;
 
-/// Submits every request (in choice order); the first refusal fails them all.
-pub fn start(api: &Api, reqs: Vec<ClientRequest>) -> Result<Vec<Receiver<Event>>, ApiError> {
-    let base = Api::new_request_id("");
-    let span = tracing::info_span!("request", request_id = %base, api = "http");
+/// Submits every request (in choice order); the first refusal fails them all. Returns
+/// the request's id (the client's `X-Request-Id` when it sent a usable one) and the
+/// choices' receivers; choice `i` is `{id}-{i}` in the logs. A W3C `traceparent` header
+/// goes with every choice.
+pub fn start(
+    api: &Api,
+    reqs: Vec<ClientRequest>,
+    headers: &HeaderMap,
+) -> Result<(String, Vec<Receiver<Event>>), ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let base = Api::new_request_id(header("x-request-id").unwrap_or(""));
+    let trace = header("traceparent").and_then(TraceParent::parse);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %base,
+        api = "http",
+        trace_id = trace.as_ref().map(|t| t.trace_id())
+    );
     let _in_span = span.enter();
-    reqs.into_iter()
+    let rxs = reqs
+        .into_iter()
         .enumerate()
-        .map(|(i, r)| api.start(r, format!("{base}-{i}")).map_err(ApiError::from))
-        .collect()
+        .map(|(i, r)| {
+            api.start(r, format!("{base}-{i}"), trace.clone())
+                .map_err(ApiError::from)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((base, rxs))
 }
 
 /// A finished choice.

@@ -16,7 +16,6 @@ use super::errors::ApiError;
 use super::params::{self, StreamOptions};
 use super::responses::{event_data, Completion, CompletionChoice, ErrorResponse, Finish};
 use super::{logprobs, models, unix_now, HttpState};
-use crate::grpc::Api;
 use crate::request::{reject_unknown, SamplingFields};
 use crate::scheduler::Event;
 
@@ -134,6 +133,7 @@ fn prompts(s: &HttpState, p: Prompt) -> Result<Vec<OnePrompt>, ApiError> {
         (status = 503, body = ErrorResponse)))]
 pub async fn handle(
     State(s): State<HttpState>,
+    headers: axum::http::HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body: CompletionRequest = params::parse(&bytes)?;
@@ -166,8 +166,8 @@ pub async fn handle(
             });
         }
     }
-    let rxs = choices::start(&s.api, reqs)?;
-    let id = format!("cmpl-{}", Api::new_request_id(""));
+    let (base, rxs) = choices::start(&s.api, reqs, &headers)?;
+    let id = format!("cmpl-{base}");
     let created = unix_now();
     let with_logprobs = body.logprobs.is_some();
     if !body.stream {
