@@ -57,7 +57,7 @@ target=$(start serve serve --model "$CKPT" --listen 127.0.0.1:0 --http-listen 12
 run_bench "standalone (moe serve, 2 in-process device actors)" "$target"
 cleanup
 
-w1=$(start w1 worker --model "$CKPT" --devices cpu:0 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0)
-w2=$(start w2 worker --model "$CKPT" --devices cpu:0 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0)
-target=$(start router router --model "$CKPT" --workers "$w1,$w2" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --max-batch-tokens 4096)
+w1=$(start w1 worker --model "$CKPT" --devices cpu:0 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --insecure)
+w2=$(start w2 worker --model "$CKPT" --devices cpu:0 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --insecure)
+target=$(start router router --model "$CKPT" --workers "$w1,$w2" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --insecure --max-batch-tokens 4096)
 run_bench "cluster (moe router + 2 moe worker processes)" "$target"

@@ -3,6 +3,7 @@
 
 mod bench_engine;
 mod bench_serve;
+mod cert_cmd;
 mod check_config;
 mod checkpoint_cmd;
 mod cluster_cmd;
@@ -10,6 +11,7 @@ mod generate_cmd;
 mod serve_cmd;
 mod signals;
 mod stdout;
+mod tls_args;
 mod worker_cmd;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +54,11 @@ enum Command {
     Router(serve_cmd::ServeArgs),
     /// A worker: hosts expert shards on its devices, one actor per device.
     Worker(worker_cmd::WorkerArgs),
+    /// Certificates for mutual TLS: a development CA, router and worker certificates.
+    Cert {
+        #[command(subcommand)]
+        command: cert_cmd::CertCommand,
+    },
     /// Cluster inspection.
     Cluster {
         #[command(subcommand)]
@@ -91,6 +98,7 @@ fn main() {
     let result = match cli.command {
         Command::Checkpoint { command } => checkpoint_cmd::run(command),
         Command::Generate(args) => generate_cmd::run(args),
+        Command::Cert { command } => cert_cmd::run(command),
         Command::Cluster { command } => cluster_cmd::run(command),
         Command::Serve(args) => serve_cmd::run(args, serve_cmd::Mode::Standalone),
         Command::Router(args) => serve_cmd::run(args, serve_cmd::Mode::Router),

@@ -135,6 +135,12 @@ pub struct ServeArgs {
     /// JSON on stdout and exit (0 when valid) without starting anything.
     #[arg(long)]
     check_config: bool,
+    #[command(flatten)]
+    tls: crate::tls_args::ClusterTlsArgs,
+    #[command(flatten)]
+    api_tls: crate::tls_args::ApiTlsArgs,
+    #[command(flatten)]
+    etcd_security: crate::tls_args::EtcdSecurityArgs,
 }
 
 /// Which command is running.
@@ -278,6 +284,23 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         }
         (None, Mode::Router) => anyhow::bail!("--model is required"),
     };
+    // Router ↔ worker mutual TLS: a router needs it (or --insecure); `moe serve` has no
+    // workers to talk to.
+    let worker_tls = match mode {
+        Mode::Router => a
+            .tls
+            .material(moe_tls::Role::Router)?
+            .map(|m| moe_tls::client::config(m.clone(), moe_tls::Role::Worker).map(|c| (m, c)))
+            .transpose()?,
+        Mode::Standalone => {
+            anyhow::ensure!(
+                a.tls.tls_cert.is_none(),
+                "--tls-cert is for `moe router` and `moe worker` (mutual TLS between them); `moe serve` serves its API over TLS with --api-tls-cert"
+            );
+            None
+        }
+    };
+    let api_tls = a.api_tls.material()?;
     let experts = match mode {
         Mode::Standalone => {
             anyhow::ensure!(
@@ -301,7 +324,10 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
             );
             anyhow::ensure!(a.min_workers > 0, "--min-workers must be at least 1");
             anyhow::ensure!(a.lease_ttl_secs > 0, "--lease-ttl-secs must be positive");
-            ExpertSource::Etcd(EtcdMembership {
+            let (tls, auth) = a.etcd_security.resolve(&a.etcd)?;
+            ExpertSource::Etcd(Box::new(EtcdMembership {
+                tls,
+                auth,
                 endpoints: a.etcd.clone(),
                 cluster: a.cluster.clone(),
                 min_workers: a.min_workers,
@@ -310,7 +336,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
                 rebalance_interval: (a.rebalance_interval_secs > 0)
                     .then(|| Duration::from_secs(a.rebalance_interval_secs)),
                 hot_copies: a.hot_copies,
-            })
+            }))
         }
         Mode::Router => {
             anyhow::ensure!(
@@ -345,6 +371,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
             max_retries: a.dispatch_retries,
             retry_backoff: Duration::from_millis(50),
             mark_down_for: Duration::from_millis(a.mark_down_ms),
+            worker_tls: worker_tls.as_ref().map(|(_, c)| c.clone()),
         },
         replicas: a.expert_replicas,
         startup_timeout: Duration::from_secs(a.startup_timeout_secs),
@@ -354,6 +381,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         chat_template: a.chat_template.clone(),
         api_keys: ApiKeys::load(&a.api_key, a.api_keys_file.clone())?,
         metrics_expert_detail: a.metrics_expert_detail,
+        api_tls: api_tls.clone(),
     };
     if a.check_config {
         return check_config(&a, &cfg, mode);
@@ -367,6 +395,11 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         let http = tokio::net::TcpListener::bind(&a.http_listen)
             .await
             .with_context(|| format!("binding --http-listen {}", a.http_listen))?;
+        // Certificates are re-read while serving (Kubernetes rotates Secrets in place).
+        let every = a.tls.reload_every();
+        for m in worker_tls.iter().map(|(m, _)| m).chain(api_tls.iter()) {
+            m.watch(every);
+        }
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {

@@ -76,6 +76,10 @@ pub struct WorkerArgs {
     /// JSON on stdout and exit (0 when valid) without starting anything.
     #[arg(long)]
     check_config: bool,
+    #[command(flatten)]
+    tls: crate::tls_args::ClusterTlsArgs,
+    #[command(flatten)]
+    etcd_security: crate::tls_args::EtcdSecurityArgs,
     /// Test hook: the device actor that performs the Nth compute panics once.
     #[arg(long, env = "MOE_TEST_PANIC_AT_COMPUTE", hide = true)]
     test_panic_at_compute: Option<u64>,
@@ -153,8 +157,11 @@ fn check_config(args: &WorkerArgs) -> anyhow::Result<()> {
     let model = check::model(&args.model)?;
     if !args.etcd.is_empty() {
         anyhow::ensure!(args.lease_ttl_secs > 0, "--lease-ttl-secs must be positive");
-        EtcdConfig::new(args.etcd.clone(), &args.cluster).context("--etcd/--cluster")?;
+        let mut cfg =
+            EtcdConfig::new(args.etcd.clone(), &args.cluster).context("--etcd/--cluster")?;
+        args.etcd_security.apply(&mut cfg)?;
     }
+    let tls = args.tls.material(moe_tls::Role::Worker)?;
     let advertise = args
         .advertise
         .clone()
@@ -174,6 +181,7 @@ fn check_config(args: &WorkerArgs) -> anyhow::Result<()> {
         "capacity_mib": args.capacity_mib,
         "drain_timeout_secs": args.drain_timeout_secs,
         "leave_timeout_secs": args.leave_timeout_secs,
+        "mutual_tls": tls.is_some(),
     }))
 }
 
@@ -190,6 +198,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
+    let tls = args.tls.material(moe_tls::Role::Worker)?;
+    if let Some(m) = &tls {
+        m.watch(args.tls.reload_every());
+    }
     let grpc_listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding the gRPC listener on {}", args.listen))?;
@@ -254,8 +266,9 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         None
     } else {
         anyhow::ensure!(args.lease_ttl_secs > 0, "--lease-ttl-secs must be positive");
-        let config =
+        let mut config =
             EtcdConfig::new(args.etcd.clone(), &args.cluster).context("--etcd/--cluster")?;
+        args.etcd_security.apply(&mut config)?;
         let record = WorkerRecord {
             worker_id: worker_id.clone(),
             address: advertise.clone(),
@@ -297,6 +310,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         shutdown.clone(),
         WorkerServeConfig {
             drain_timeout,
+            tls,
             ..WorkerServeConfig::default()
         },
     ));

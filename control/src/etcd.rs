@@ -17,7 +17,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use tokio::sync::Mutex;
 
 use crate::error::ControlError;
@@ -44,6 +44,51 @@ pub struct EtcdConfig {
     pub backoff_min: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// TLS to etcd (`https://` endpoints): files read at every (re)connection, so a
+    /// rotated certificate is used from the next reconnect on.
+    pub tls: Option<EtcdTls>,
+    /// etcd user and password (etcd's own authentication; etcd must have auth enabled).
+    pub auth: Option<EtcdAuth>,
+}
+
+/// An etcd user and its password (`Debug` leaves the password out).
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAuth")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Where the etcd TLS files are (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that signed etcd's server certificate.
+    pub ca: std::path::PathBuf,
+    /// A client certificate and key, for etcd's `--client-cert-auth`.
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> Result<TlsOptions, ControlError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| {
+                ControlError::invalid("etcd TLS", format!("cannot read {}: {e}", p.display()))
+            })
+        };
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&self.ca)?));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(tls)
+    }
 }
 
 impl EtcdConfig {
@@ -69,12 +114,14 @@ impl EtcdConfig {
             keepalive_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
+            tls: None,
+            auth: None,
         })
     }
 
     /// Opens a new client (lazy: the first request makes the connection).
     pub async fn connect(&self) -> Result<Client, ControlError> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_keep_alive(self.keepalive_interval, self.keepalive_timeout)
             // etcd refuses pings on a connection without streams; ours that matter
@@ -83,6 +130,12 @@ impl EtcdConfig {
             // A member cut off from its cluster's leader fails requests instead of
             // serving stale watches forever.
             .with_require_leader(true);
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.options()?);
+        }
+        if let Some(auth) = &self.auth {
+            options = options.with_user(auth.user.clone(), auth.password.clone());
+        }
         deadline(
             self.connect_timeout,
             "connect",

@@ -30,7 +30,7 @@ pub mod placement_store;
 
 pub use election::{fenced_put, watch_leader, Election, FencingToken, LeaderInfo, Leadership};
 pub use error::ControlError;
-pub use etcd::{EtcdClient, EtcdConfig};
+pub use etcd::{EtcdAuth, EtcdClient, EtcdConfig, EtcdTls};
 pub use etcd_registry::{EtcdRegistry, RouterPresence, RouterRecord};
 pub use expert_load::{
     sum_reports, watch_load, watch_load_reports, ExpertLoadReport, LoadReporter,

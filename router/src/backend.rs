@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use moe_control::PlacementPlan;
 use moe_model::experts::NO_EXPERT;
 use moe_model::{ExpertBackend, ExpertError, MoeRequest};
+use moe_proto::traceparent::MAX_TRACEPARENTS_PER_DISPATCH;
 use moe_proto::v1::{DType, DispatchRequest};
 use tokio::runtime::Handle;
 
@@ -21,7 +22,7 @@ use crate::metrics::RouterMetrics;
 use crate::remote::WorkerClient;
 
 /// Deadlines and retries of expert dispatch.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DispatchConfig {
     /// Deadline of one dispatch to one worker.
     pub deadline: Duration,
@@ -32,6 +33,21 @@ pub struct DispatchConfig {
     /// How long a worker whose dispatch failed is skipped by later calls while another
     /// copy of its experts exists (a sole copy is still tried).
     pub mark_down_for: Duration,
+    /// Mutual TLS to the workers (the router's certificate, the cluster CA, the worker
+    /// role required of them); `None`: plain TCP (`--insecure`).
+    pub worker_tls: Option<Arc<moe_tls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for DispatchConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatchConfig")
+            .field("deadline", &self.deadline)
+            .field("max_retries", &self.max_retries)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("mark_down_for", &self.mark_down_for)
+            .field("worker_mutual_tls", &self.worker_tls.is_some())
+            .finish()
+    }
 }
 
 impl Default for DispatchConfig {
@@ -41,6 +57,7 @@ impl Default for DispatchConfig {
             max_retries: 3,
             retry_backoff: Duration::from_millis(50),
             mark_down_for: Duration::from_secs(5),
+            worker_tls: None,
         }
     }
 }
@@ -169,6 +186,9 @@ pub struct RemoteBackend {
     routes_epoch: std::sync::atomic::AtomicU64,
     /// Dispatches in flight, by the route epoch they started under.
     in_flight: Mutex<BTreeMap<u64, usize>>,
+    /// The current step's client trace contexts ([`ExpertBackend::begin_step`]), sent
+    /// with each of its dispatch messages.
+    step_traces: Mutex<Vec<String>>,
 }
 
 /// A dispatch in flight, counted under the route epoch it started in.
@@ -229,6 +249,7 @@ impl RemoteBackend {
             placement: RwLock::new(PlacementPlan::default()),
             routes_epoch: Default::default(),
             in_flight: Mutex::new(BTreeMap::new()),
+            step_traces: Mutex::new(Vec::new()),
         }
     }
 
@@ -251,6 +272,11 @@ impl RemoteBackend {
                 w.len() - 1
             }
         }
+    }
+
+    /// A client for the worker at `addr`, over mutual TLS when the router has it.
+    pub fn connect(&self, addr: &str) -> Result<WorkerClient, ExpertError> {
+        WorkerClient::new(addr, Duration::from_secs(2), self.cfg.worker_tls.clone())
     }
 
     /// The client of worker `i`.
@@ -554,6 +580,7 @@ impl RemoteBackend {
             top_k: req.top_k as u32,
             expert_ids: part.ids.clone(),
             expert_weights: part.weights.clone(),
+            traceparents: lock(&self.step_traces).clone(),
         };
         let worker = self
             .worker(part.worker)
@@ -719,4 +746,20 @@ impl ExpertBackend for RemoteBackend {
         count_expert_tokens(&self.metrics, req);
         self.rt.block_on(self.dispatch(req))
     }
+
+    fn begin_step(&self, traceparents: &[String]) {
+        let mut t = lock(&self.step_traces);
+        t.clear();
+        t.extend(
+            traceparents
+                .iter()
+                .take(MAX_TRACEPARENTS_PER_DISPATCH)
+                .cloned(),
+        );
+    }
+}
+
+/// Locks `m`, taking the data of a poisoned lock as it is (it holds plain values).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

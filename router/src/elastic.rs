@@ -60,6 +60,10 @@ pub struct EtcdMembership {
     pub rebalance_interval: Option<Duration>,
     /// Extra copies, beyond `--expert-replicas`, the controller may give hot experts.
     pub hot_copies: usize,
+    /// TLS to etcd.
+    pub tls: Option<moe_control::EtcdTls>,
+    /// etcd user and password.
+    pub auth: Option<moe_control::EtcdAuth>,
 }
 
 /// The placement document under `/moe/<cluster>/placement` (its `placement` field).
@@ -246,7 +250,7 @@ impl Clients {
         if let Some(i) = known.get(&key) {
             return Some(*i);
         }
-        match WorkerClient::new(&w.address, Duration::from_secs(2)) {
+        match self.backend.connect(&w.address) {
             Ok(c) => {
                 let i = self.backend.add_worker(Arc::new(c));
                 known.insert(key, i);
@@ -821,8 +825,10 @@ pub async fn start(
     grpc_address: String,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let config =
+    let mut config =
         EtcdConfig::new(source.endpoints.clone(), &source.cluster).context("--etcd/--cluster")?;
+    config.tls = source.tls.clone();
+    config.auth = source.auth.clone();
     let router_id = source
         .router_id
         .clone()

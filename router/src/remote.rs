@@ -41,17 +41,27 @@ fn unavailable(addr: &str, what: impl std::fmt::Display) -> ExpertError {
 
 impl WorkerClient {
     /// A client for `addr` (`host:port`). Connects lazily; `connect_timeout` bounds each
-    /// connection attempt.
-    pub fn new(addr: &str, connect_timeout: Duration) -> Result<WorkerClient, ExpertError> {
+    /// connection attempt. With `tls`, every connection is mutual TLS, and the worker's
+    /// certificate must name `addr`'s host and carry the worker role.
+    pub fn new(
+        addr: &str,
+        connect_timeout: Duration,
+        tls: Option<Arc<moe_tls::ClientConfig>>,
+    ) -> Result<WorkerClient, ExpertError> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| unavailable(addr, format!("bad address: {e}")))?
             .tcp_nodelay(true)
             .connect_timeout(connect_timeout)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
+        let channel = match tls {
+            Some(tls) => endpoint
+                .connect_with_connector_lazy(moe_tls::client::Connector::new(tls, connect_timeout)),
+            None => endpoint.connect_lazy(),
+        };
         Ok(WorkerClient {
             addr: addr.to_owned(),
-            channel: endpoint.connect_lazy(),
+            channel,
             stream: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
         })

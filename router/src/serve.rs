@@ -35,7 +35,7 @@ pub enum ExpertSource {
     /// Remote workers at these addresses.
     Remote { workers: Vec<String> },
     /// Remote workers from the cluster membership in etcd; placement follows it.
-    Etcd(EtcdMembership),
+    Etcd(Box<EtcdMembership>),
 }
 
 /// Everything a router needs, validated.
@@ -64,6 +64,10 @@ pub struct RouterConfig {
     pub api_keys: crate::api_keys::ApiKeys,
     /// Export per-expert series (`moe_expert_tokens_total`, `moe_expert_copies`).
     pub metrics_expert_detail: bool,
+    /// TLS on the client-facing ports (gRPC and HTTP): the certificate clients see.
+    /// `None`: plain TCP. Separate from the cluster's mutual TLS to workers
+    /// ([`DispatchConfig::worker_tls`](crate::DispatchConfig)).
+    pub api_tls: Option<Arc<moe_tls::Material>>,
 }
 
 /// The default served name: the checkpoint folder's name, never a path.
@@ -95,7 +99,10 @@ async fn place_remote(
     };
     let clients: Vec<Arc<WorkerClient>> = workers
         .iter()
-        .map(|a| WorkerClient::new(a, Duration::from_secs(2)).map(Arc::new))
+        .map(|a| {
+            WorkerClient::new(a, Duration::from_secs(2), cfg.dispatch.worker_tls.clone())
+                .map(Arc::new)
+        })
         .collect::<Result<_, _>>()?;
     // Wait (bounded) for every worker to answer Info.
     let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
@@ -418,6 +425,21 @@ pub async fn run_router(
         .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let (grpc_tls, http_tls) = match &cfg.api_tls {
+        Some(m) => (
+            Some(moe_tls::server::config(
+                m.clone(),
+                None,
+                moe_tls::server::ALPN_GRPC,
+            )?),
+            Some(moe_tls::server::config(
+                m.clone(),
+                None,
+                moe_tls::server::ALPN_HTTP,
+            )?),
+        ),
+        None => (None, None),
+    };
     let grpc_stop = CancellationToken::new();
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -428,7 +450,7 @@ pub async fn run_router(
             crate::api_keys::grpc_interceptor(cfg.api_keys.clone()),
         ))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            moe_tls::server::incoming_stream(grpc_listener, grpc_tls),
             grpc_stop.clone().cancelled_owned(),
         );
     let http_stop = CancellationToken::new();
@@ -442,10 +464,20 @@ pub async fn run_router(
         created: crate::http::unix_now(),
         api_keys: cfg.api_keys.clone(),
     });
-    let http =
-        axum::serve(http_listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());
     let grpc_task = tokio::spawn(grpc);
-    let http_task = tokio::spawn(async move { http.await });
+    let http_task = match http_tls {
+        Some(tls) => {
+            let listener = crate::http::TlsListener::new(http_listener, tls)?;
+            let http = axum::serve(listener, app)
+                .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+            tokio::spawn(async move { http.await })
+        }
+        None => {
+            let http = axum::serve(http_listener, app)
+                .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+            tokio::spawn(async move { http.await })
+        }
+    };
     on_ready(bound);
 
     shutdown.cancelled().await;

@@ -94,7 +94,7 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-fn server_args<'a>(cmd: &'a str, model: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+pub fn server_args<'a>(cmd: &'a str, model: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         cmd,
         "--model",
@@ -105,6 +105,11 @@ fn server_args<'a>(cmd: &'a str, model: &'a Path, extra: &[&'a str]) -> Vec<&'a 
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
+    // Routers and workers need mutual TLS or an explicit --insecure; tests that are not
+    // about TLS run without it.
+    if matches!(cmd, "router" | "worker") && !extra.contains(&"--tls-cert") {
+        args.push("--insecure");
+    }
     args
 }
 
@@ -321,13 +326,28 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// One HTTP/1.1 request over a fresh connection (`Connection: close`): status and body.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http_with_headers(addr, method, path, &[], body)
+}
+
+/// [`http`] with extra request headers.
+pub fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, PATIENCE)
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     s.set_read_timeout(Some(PATIENCE)).expect("read timeout");
     let body = body.unwrap_or("");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )

@@ -146,6 +146,7 @@ impl Cluster {
         let args = [
             &[
                 "worker",
+                "--insecure",
                 "--model",
                 "/models/dsv3",
                 "--devices",
@@ -169,6 +170,7 @@ impl Cluster {
     fn router(&self, what: &str) -> Router {
         let args = [
             "router",
+            "--insecure",
             "--model",
             "/models/dsv3",
             "--listen",

@@ -51,6 +51,7 @@ async fn a_partitioned_worker_is_routed_around_and_rejoins_when_the_link_heals()
     let ns_listen = format!("{}:0", netns.ns_ip());
     let worker = [
         "worker",
+        "--insecure",
         "--model",
         path_str(&model),
         "--devices",

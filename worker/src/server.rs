@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moe_model::ExpertError;
+use moe_proto::traceparent::{TraceParent, MAX_TRACEPARENTS_PER_DISPATCH};
 use moe_proto::v1::expert_service_server::{ExpertService, ExpertServiceServer};
 use moe_proto::v1::{
     DispatchRequest, DispatchResponse, InfoRequest, InfoResponse, LoadExpertsRequest,
@@ -28,8 +29,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::error::{ErrorKind, WorkerError};
 use crate::metrics::Outcome;
@@ -45,6 +46,10 @@ pub struct WorkerServeConfig {
     pub dispatch_channel_capacity: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// Mutual TLS on the gRPC port (this worker's certificate and the cluster CA):
+    /// `ExpertService` then answers only clients with a router certificate; health and
+    /// reflection stay open to any TLS client (probes). `None`: plain TCP (`--insecure`).
+    pub tls: Option<Arc<moe_tls::Material>>,
 }
 
 impl Default for WorkerServeConfig {
@@ -53,6 +58,7 @@ impl Default for WorkerServeConfig {
             drain_timeout: Duration::from_secs(10),
             dispatch_channel_capacity: 16,
             max_message_bytes: 256 << 20,
+            tls: None,
         }
     }
 }
@@ -63,6 +69,8 @@ pub struct ExpertServer {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     channel_capacity: usize,
+    /// Only callers whose verified certificate carries the router role (mutual TLS).
+    require_router: bool,
 }
 
 impl ExpertServer {
@@ -79,7 +87,29 @@ impl ExpertServer {
             shutdown,
             tracker,
             channel_capacity: channel_capacity.max(1),
+            require_router: false,
         }
+    }
+
+    /// Refuses every call whose connection did not prove the router role.
+    pub fn require_router_certificate(mut self) -> ExpertServer {
+        self.require_router = true;
+        self
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if !self.require_router {
+            return Ok(());
+        }
+        let peer = request.extensions().get::<moe_tls::server::PeerInfo>();
+        if peer.is_some_and(|p| p.roles.contains(&moe_tls::Role::Router)) {
+            return Ok(());
+        }
+        tracing::warn!(peer = ?peer.and_then(|p| p.remote), "ExpertService call without a router certificate refused");
+        Err(Status::unauthenticated(format!(
+            "ExpertService needs a client certificate signed by the cluster CA with the router role (URI SAN {})",
+            moe_tls::Role::Router.uri()
+        )))
     }
 
     fn refuse_if_stopping(&self) -> Result<(), Status> {
@@ -145,8 +175,27 @@ fn error_response(request_id: u64, dtype: i32, code: Code, message: String) -> D
 
 /// Answers one dispatch request (never fails: errors go into the response).
 pub(crate) async fn handle_dispatch(node: &Node, req: DispatchRequest) -> DispatchResponse {
+    // The client requests' trace contexts (valid ones, bounded) go on every log line of
+    // this message: worker logs join the router's by trace id.
+    let traces: Vec<String> = req
+        .traceparents
+        .iter()
+        .take(MAX_TRACEPARENTS_PER_DISPATCH)
+        .filter_map(|t| TraceParent::parse(t).map(|t| t.to_string()))
+        .collect();
+    let span = tracing::debug_span!(
+        "dispatch",
+        step_id = req.step_id,
+        layer = req.layer,
+        traceparents = ?traces
+    );
+    handle_dispatch_in_span(node, req).instrument(span).await
+}
+
+async fn handle_dispatch_in_span(node: &Node, req: DispatchRequest) -> DispatchResponse {
     let metrics = node.metrics();
     let (request_id, raw_dtype) = (req.request_id, req.dtype);
+    tracing::debug!(request_id, rows = req.num_rows, "dispatch received");
     let d = match wire::decode_dispatch(req, node.spec()) {
         Ok(d) => d,
         Err(e) => {
@@ -228,6 +277,7 @@ impl ExpertService for ExpertServer {
         &self,
         request: Request<Streaming<DispatchRequest>>,
     ) -> Result<Response<Self::DispatchStream>, Status> {
+        self.authorize(&request)?;
         self.refuse_if_stopping()?;
         let (tx, rx) = mpsc::channel(self.channel_capacity);
         self.tracker.spawn(run_dispatch_stream(
@@ -239,7 +289,8 @@ impl ExpertService for ExpertServer {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        self.authorize(&request)?;
         Ok(Response::new(wire::info_to_wire(
             &self.node.info(),
             self.node.spec(),
@@ -250,6 +301,7 @@ impl ExpertService for ExpertServer {
         &self,
         request: Request<LoadExpertsRequest>,
     ) -> Result<Response<LoadExpertsResponse>, Status> {
+        self.authorize(&request)?;
         self.refuse_if_stopping()?;
         let req = request.into_inner();
         let info = self
@@ -269,6 +321,7 @@ impl ExpertService for ExpertServer {
         &self,
         request: Request<UnloadExpertsRequest>,
     ) -> Result<Response<UnloadExpertsResponse>, Status> {
+        self.authorize(&request)?;
         self.refuse_if_stopping()?;
         let req = request.into_inner();
         let info = self
@@ -314,6 +367,10 @@ pub async fn serve_worker_with(
     cfg: WorkerServeConfig,
 ) -> anyhow::Result<()> {
     type Svc = ExpertServiceServer<ExpertServer>;
+    if let Err(e) = node.metrics().set_build_info(node.model_name()) {
+        // Already registered: this node was served before (tests restart servers).
+        tracing::debug!(error = %e, "moe_build_info not registered again");
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<Svc>().await;
     // Liveness (for orchestrators) stays SERVING while the process runs, drain included.
@@ -330,18 +387,27 @@ pub async fn serve_worker_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let tracker = TaskTracker::new();
-    let expert = with_limits(
-        ExpertServer::new(
-            node.clone(),
-            shutdown.clone(),
-            tracker.clone(),
-            cfg.dispatch_channel_capacity,
-        ),
-        &cfg,
+    let mut server = ExpertServer::new(
+        node.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+        cfg.dispatch_channel_capacity,
     );
+    let tls = match &cfg.tls {
+        Some(m) => {
+            server = server.require_router_certificate();
+            Some(moe_tls::server::config(
+                m.clone(),
+                Some(moe_tls::Role::Router),
+                moe_tls::server::ALPN_GRPC,
+            )?)
+        }
+        None => None,
+    };
+    let expert = with_limits(server, &cfg);
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
-    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let incoming = moe_tls::server::incoming_stream(grpc_listener, tls);
     let grpc_stop = CancellationToken::new();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -359,7 +425,7 @@ pub async fn serve_worker_with(
     let http =
         axum::serve(http_listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());
     let mut http_task = tokio::spawn(async move { http.await });
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, worker_id = node.worker_id(), "worker serving");
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, worker_id = node.worker_id(), mutual_tls = cfg.tls.is_some(), "worker serving");
 
     let early: Option<anyhow::Error> = tokio::select! {
         _ = shutdown.cancelled() => None,

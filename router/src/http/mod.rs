@@ -29,6 +29,9 @@ pub mod openapi;
 mod params;
 pub mod responses;
 mod status_page;
+mod tls_listener;
+
+pub use tls_listener::TlsListener;
 
 /// Largest request body, bytes (axum's default is 2 MiB; long prompts of token ids need more).
 pub const MAX_BODY_BYTES: usize = 16 << 20;
