@@ -24,7 +24,8 @@ use tokio::task::JoinHandle;
 
 use crate::{generation_client, metric_value, metrics, GreedyReq, Proc, STARTUP};
 
-fn free_port() -> u16 {
+/// A free 127.0.0.1 port (bound and released: another process could take it meanwhile).
+pub fn free_port() -> u16 {
     // Bound and released: another process could take it meanwhile; start() retries.
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()

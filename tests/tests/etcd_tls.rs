@@ -3,20 +3,15 @@
 //! certificate, a user and its password file join through it and serve; a router
 //! without a client certificate, or with a wrong password, cannot join.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use moe_tests::cluster::free_port;
 use moe_tests::{
     generate, http, path_str, run_moe, server_args, tiny_checkpoint, wait_until, GreedyReq, Proc,
 };
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
 
 /// etcd on 127.0.0.1 with `--client-cert-auth`; killed on drop.
 struct TlsEtcd {

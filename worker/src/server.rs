@@ -176,13 +176,17 @@ fn error_response(request_id: u64, dtype: i32, code: Code, message: String) -> D
 /// Answers one dispatch request (never fails: errors go into the response).
 pub(crate) async fn handle_dispatch(node: &Node, req: DispatchRequest) -> DispatchResponse {
     // The client requests' trace contexts (valid ones, bounded) go on every log line of
-    // this message: worker logs join the router's by trace id.
-    let traces: Vec<String> = req
-        .traceparents
-        .iter()
-        .take(MAX_TRACEPARENTS_PER_DISPATCH)
-        .filter_map(|t| TraceParent::parse(t).map(|t| t.to_string()))
-        .collect();
+    // this message: worker logs join the router's by trace id. Parsed only when the
+    // span is recorded (debug), not on every message of the hot path.
+    let traces: Vec<String> = if tracing::enabled!(tracing::Level::DEBUG) {
+        req.traceparents
+            .iter()
+            .take(MAX_TRACEPARENTS_PER_DISPATCH)
+            .filter_map(|t| TraceParent::parse(t).map(|t| t.to_string()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let span = tracing::debug_span!(
         "dispatch",
         step_id = req.step_id,
