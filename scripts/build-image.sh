@@ -12,6 +12,17 @@ rust_version=$(rustc --version | awk '{print $2}')
 RUST_IMAGE=${RUST_IMAGE:-rust:${rust_version%.*}-slim-bookworm}
 RUNTIME_IMAGE=${RUNTIME_IMAGE:-debian:bookworm-slim}
 export RUST_IMAGE RUNTIME_IMAGE
+# The Dockerfile copies the crates one by one (so that edits elsewhere keep the build
+# layer cached); a workspace member it forgets fails the build deep inside docker, so
+# check up front that it copies every member.
+members=$(sed -n 's/^members = \[\(.*\)\]/\1/p' Cargo.toml | tr -d '" ' | tr ',' ' ')
+for m in $members; do
+  [ "$m" = tests ] && continue
+  grep -qx "COPY $m $m" deploy/Dockerfile || {
+    echo "error: deploy/Dockerfile does not COPY workspace member '$m' (add 'COPY $m $m')" >&2
+    exit 1
+  }
+done
 bash scripts/base-images.sh
 echo "==> docker build $TAG (profile $PROFILE)" >&2
 start=$(date +%s)
