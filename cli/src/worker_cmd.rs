@@ -72,6 +72,11 @@ pub struct WorkerArgs {
     /// controller (0: unlimited). Hot-expert copies fill what the base placement leaves.
     #[arg(long, env = "MOE_CAPACITY_MIB", default_value_t = 0)]
     capacity_mib: u64,
+    /// Most rows one dispatch may carry (at least the routers' --max-batch-tokens); larger
+    /// ones are refused before their rows are decoded, and the gRPC message limit is
+    /// sized from it.
+    #[arg(long, env = "MOE_MAX_DISPATCH_ROWS", default_value_t = moe_worker::wire::DEFAULT_MAX_DISPATCH_ROWS)]
+    max_dispatch_rows: usize,
     /// Validate the flags and the files they name, print the effective configuration as
     /// JSON on stdout and exit (0 when valid) without starting anything.
     #[arg(long)]
@@ -154,6 +159,10 @@ fn check_config(args: &WorkerArgs) -> anyhow::Result<()> {
         check::dialable("--listen", &moe_control::advertise_address(grpc))?;
     }
     moe_worker::config::parse_devices(&args.devices).context("--devices")?;
+    anyhow::ensure!(
+        args.max_dispatch_rows > 0,
+        "--max-dispatch-rows must be at least 1"
+    );
     let model = check::model(&args.model)?;
     if !args.etcd.is_empty() {
         anyhow::ensure!(args.lease_ttl_secs > 0, "--lease-ttl-secs must be positive");
@@ -182,6 +191,7 @@ fn check_config(args: &WorkerArgs) -> anyhow::Result<()> {
         "drain_timeout_secs": args.drain_timeout_secs,
         "leave_timeout_secs": args.leave_timeout_secs,
         "mutual_tls": tls.is_some(),
+        "max_dispatch_rows": args.max_dispatch_rows,
     }))
 }
 
@@ -189,6 +199,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     if args.check_config {
         return check_config(&args);
     }
+    anyhow::ensure!(
+        args.max_dispatch_rows > 0,
+        "--max-dispatch-rows must be at least 1"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("moe-worker")
@@ -246,6 +260,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         %worker_id,
         dtype = ?args.dtype,
         drain_timeout_secs = args.drain_timeout_secs,
+        max_dispatch_rows = args.max_dispatch_rows,
         test_panic_at_compute = ?args.test_panic_at_compute,
         "moe worker config"
     );
@@ -311,6 +326,7 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         WorkerServeConfig {
             drain_timeout,
             tls,
+            max_dispatch_rows: args.max_dispatch_rows,
             ..WorkerServeConfig::default()
         },
     ));

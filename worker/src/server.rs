@@ -44,12 +44,13 @@ pub struct WorkerServeConfig {
     pub drain_timeout: Duration,
     /// Responses buffered per dispatch stream before the worker waits for the client.
     pub dispatch_channel_capacity: usize,
-    /// Largest gRPC message accepted or sent, in bytes.
-    pub max_message_bytes: usize,
     /// Mutual TLS on the gRPC port (this worker's certificate and the cluster CA):
     /// `ExpertService` then answers only clients with a router certificate; health and
     /// reflection stay open to any TLS client (probes). `None`: plain TCP (`--insecure`).
     pub tls: Option<Arc<moe_tls::Material>>,
+    /// Most rows one dispatch may carry (`--max-dispatch-rows`); checked before its rows
+    /// are decoded, and the gRPC message limit of `ExpertService` is sized from it.
+    pub max_dispatch_rows: usize,
 }
 
 impl Default for WorkerServeConfig {
@@ -57,8 +58,8 @@ impl Default for WorkerServeConfig {
         WorkerServeConfig {
             drain_timeout: Duration::from_secs(10),
             dispatch_channel_capacity: 16,
-            max_message_bytes: 256 << 20,
             tls: None,
+            max_dispatch_rows: wire::DEFAULT_MAX_DISPATCH_ROWS,
         }
     }
 }
@@ -71,6 +72,7 @@ pub struct ExpertServer {
     channel_capacity: usize,
     /// Only callers whose verified certificate carries the router role (mutual TLS).
     require_router: bool,
+    max_rows: usize,
 }
 
 impl ExpertServer {
@@ -88,6 +90,22 @@ impl ExpertServer {
             tracker,
             channel_capacity: channel_capacity.max(1),
             require_router: false,
+            max_rows: wire::DEFAULT_MAX_DISPATCH_ROWS,
+        }
+    }
+
+    /// Refuse dispatches of more than `rows` rows (default
+    /// [`wire::DEFAULT_MAX_DISPATCH_ROWS`]).
+    pub fn with_max_rows(mut self, rows: usize) -> ExpertServer {
+        self.max_rows = rows.max(1);
+        self
+    }
+
+    /// The node's state as `Info` reports it, with this server's row limit.
+    fn info_wire(&self, info: &crate::node::NodeInfo) -> InfoResponse {
+        InfoResponse {
+            max_dispatch_rows: u32::try_from(self.max_rows).unwrap_or(u32::MAX),
+            ..wire::info_to_wire(info, self.node.spec())
         }
     }
 
@@ -134,10 +152,16 @@ pub fn expert_service(node: Node) -> ExpertServiceServer<ExpertServer> {
     with_limits(server, &cfg)
 }
 
+/// The service with its row limit, and gRPC message limits sized from it: a message
+/// bigger than the largest dispatch allowed is refused (the stream ends OUT_OF_RANGE)
+/// before tonic buffers it.
 fn with_limits(server: ExpertServer, cfg: &WorkerServeConfig) -> ExpertServiceServer<ExpertServer> {
-    ExpertServiceServer::new(server)
-        .max_decoding_message_size(cfg.max_message_bytes)
-        .max_encoding_message_size(cfg.max_message_bytes)
+    let spec = server.node.spec();
+    let bytes =
+        wire::max_dispatch_message_bytes(cfg.max_dispatch_rows, spec.hidden_size, spec.moe.top_k);
+    ExpertServiceServer::new(server.with_max_rows(cfg.max_dispatch_rows))
+        .max_decoding_message_size(bytes)
+        .max_encoding_message_size(bytes)
 }
 
 /// The gRPC status of a [`WorkerError`]. Internal failures keep their detail in the log.
@@ -174,7 +198,11 @@ fn error_response(request_id: u64, dtype: i32, code: Code, message: String) -> D
 }
 
 /// Answers one dispatch request (never fails: errors go into the response).
-pub(crate) async fn handle_dispatch(node: &Node, req: DispatchRequest) -> DispatchResponse {
+pub(crate) async fn handle_dispatch(
+    node: &Node,
+    req: DispatchRequest,
+    max_rows: usize,
+) -> DispatchResponse {
     // The client requests' trace contexts (valid ones, bounded) go on every log line of
     // this message: worker logs join the router's by trace id. Parsed only when the
     // span is recorded (debug), not on every message of the hot path.
@@ -193,14 +221,18 @@ pub(crate) async fn handle_dispatch(node: &Node, req: DispatchRequest) -> Dispat
         layer = req.layer,
         traceparents = ?traces
     );
-    handle_dispatch_in_span(node, req).instrument(span).await
+    handle_dispatch_in_span(node, req, max_rows).instrument(span).await
 }
 
-async fn handle_dispatch_in_span(node: &Node, req: DispatchRequest) -> DispatchResponse {
+async fn handle_dispatch_in_span(
+    node: &Node,
+    req: DispatchRequest,
+    max_rows: usize,
+) -> DispatchResponse {
     let metrics = node.metrics();
     let (request_id, raw_dtype) = (req.request_id, req.dtype);
     tracing::debug!(request_id, rows = req.num_rows, "dispatch received");
-    let d = match wire::decode_dispatch(req, node.spec()) {
+    let d = match wire::decode_dispatch(req, node.spec(), max_rows) {
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(request_id, error = %e, "invalid dispatch request");
@@ -246,6 +278,7 @@ async fn run_dispatch_stream(
     mut inbound: Streaming<DispatchRequest>,
     tx: mpsc::Sender<Result<DispatchResponse, Status>>,
     shutdown: CancellationToken,
+    max_rows: usize,
 ) {
     loop {
         let next = tokio::select! {
@@ -261,11 +294,14 @@ async fn run_dispatch_stream(
             Ok(Some(req)) => req,
             Ok(None) => return,
             Err(status) => {
-                tracing::debug!(%status, "dispatch stream ended by the client");
+                // The client went away, or sent what cannot be read (a message over the
+                // size limit: OUT_OF_RANGE): say so, if anyone still listens.
+                tracing::debug!(%status, "dispatch stream ended");
+                let _ = tx.send(Err(status)).await;
                 return;
             }
         };
-        let resp = handle_dispatch(&node, req).await;
+        let resp = handle_dispatch(&node, req, max_rows).await;
         if tx.send(Ok(resp)).await.is_err() {
             // The client left: nothing holds state for it, so just stop.
             return;
@@ -289,16 +325,14 @@ impl ExpertService for ExpertServer {
             request.into_inner(),
             tx,
             self.shutdown.clone(),
+            self.max_rows,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         self.authorize(&request)?;
-        Ok(Response::new(wire::info_to_wire(
-            &self.node.info(),
-            self.node.spec(),
-        )))
+        Ok(Response::new(self.info_wire(&self.node.info())))
     }
 
     async fn load_experts(
@@ -317,7 +351,7 @@ impl ExpertService for ExpertServer {
             .await
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(LoadExpertsResponse {
-            info: Some(wire::info_to_wire(&info, self.node.spec())),
+            info: Some(self.info_wire(&info)),
         }))
     }
 
@@ -337,7 +371,7 @@ impl ExpertService for ExpertServer {
             .await
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(UnloadExpertsResponse {
-            info: Some(wire::info_to_wire(&info, self.node.spec())),
+            info: Some(self.info_wire(&info)),
         }))
     }
 }

@@ -1,8 +1,10 @@
 //! The wire format of `ExpertService`: packed little-endian rows (f32 or bf16) to and
 //! from `f32`, checking a `DispatchRequest` against the model before any work is done
 //! (every violation names its field), and conversions between [`NodeInfo`] and the
-//! protobuf messages. Nothing here panics on network input.
+//! protobuf messages. Nothing here panics on network input, and nothing is allocated
+//! for a request before its sizes are known to be within the worker's limits.
 
+use moe_model::experts::NO_EXPERT;
 use moe_model::ModelSpec;
 use moe_proto::v1::{
     DType, DeviceAssignment, DeviceInfo, DispatchRequest, ExpertRef, InfoResponse,
@@ -84,6 +86,22 @@ pub fn encode_rows(values: &[f32], dtype: RowDtype) -> Vec<u8> {
     out
 }
 
+/// Default of `--max-dispatch-rows`: the most rows one dispatch may carry. A router sends
+/// a worker at most one engine step's tokens per dispatch (its `--max-batch-tokens`,
+/// default 512), so this leaves room for routers with 16× larger steps.
+pub const DEFAULT_MAX_DISPATCH_ROWS: usize = 8192;
+
+/// The largest protobuf encoding of a dispatch (request or response) of `rows` rows: f32
+/// rows, and per row `top_k` expert ids (varints, at most 5 bytes, +1 for good measure)
+/// and f32 weights, plus 4 KiB for the fixed fields. Both ends size their gRPC message
+/// limits from it: workers from `--max-dispatch-rows`, routers from `--max-batch-tokens`.
+pub fn max_dispatch_message_bytes(rows: usize, hidden: usize, top_k: usize) -> usize {
+    let per_row = hidden
+        .saturating_mul(4)
+        .saturating_add(top_k.saturating_mul(6 + 4));
+    rows.saturating_mul(per_row).saturating_add(4 << 10)
+}
+
 /// A validated dispatch request, rows decoded to f32.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dispatch {
@@ -96,9 +114,14 @@ pub struct Dispatch {
     pub weights: Vec<f32>,
 }
 
-/// Checks a request against the model: hidden size, dtype, MoE layer, byte length of
-/// `rows`, and the lengths of `expert_ids` and `expert_weights`.
-pub fn decode_dispatch(req: DispatchRequest, spec: &ModelSpec) -> Result<Dispatch, FieldError> {
+/// Checks a request against the model and `max_rows`: hidden size, dtype, MoE layer, the
+/// row count, the byte length of `rows`, the lengths of `expert_ids` and
+/// `expert_weights`, expert ids within the model, and finite weights and rows.
+pub fn decode_dispatch(
+    req: DispatchRequest,
+    spec: &ModelSpec,
+    max_rows: usize,
+) -> Result<Dispatch, FieldError> {
     let hidden = spec.hidden_size;
     if req.hidden_size as usize != hidden {
         return Err(field_err(
@@ -123,6 +146,12 @@ pub fn decode_dispatch(req: DispatchRequest, spec: &ModelSpec) -> Result<Dispatc
         ));
     }
     let num_rows = req.num_rows as usize;
+    if num_rows > max_rows {
+        return Err(field_err(
+            "num_rows",
+            format!("is {num_rows}; this worker accepts at most {max_rows} rows per dispatch"),
+        ));
+    }
     let top_k = req.top_k as usize;
     let want_bytes = num_rows
         .checked_mul(hidden)
@@ -156,12 +185,36 @@ pub fn decode_dispatch(req: DispatchRequest, spec: &ModelSpec) -> Result<Dispatc
             ),
         ));
     }
+    let experts = spec.moe.num_experts;
+    if let Some(bad) = req
+        .expert_ids
+        .iter()
+        .find(|&&e| e != NO_EXPERT && e as usize >= experts)
+    {
+        return Err(field_err(
+            "expert_ids",
+            format!("expert {bad} does not exist (the model has {experts} per layer)"),
+        ));
+    }
+    if let Some(i) = req.expert_weights.iter().position(|w| !w.is_finite()) {
+        return Err(field_err(
+            "expert_weights",
+            format!("weight {i} is not a finite number"),
+        ));
+    }
+    let rows = decode_rows(&req.rows, dtype);
+    if let Some(i) = rows.iter().position(|v| !v.is_finite()) {
+        return Err(field_err(
+            "rows",
+            format!("value {i} (row {}) is not a finite number", i / hidden),
+        ));
+    }
     Ok(Dispatch {
         layer,
         num_rows,
         top_k,
         dtype,
-        rows: decode_rows(&req.rows, dtype),
+        rows,
         expert_ids: req.expert_ids,
         weights: req.expert_weights,
     })
@@ -192,6 +245,8 @@ pub fn info_to_wire(info: &NodeInfo, spec: &ModelSpec) -> InfoResponse {
         architecture: spec.arch.hf_class().to_owned(),
         hidden_size: u32::try_from(spec.hidden_size).unwrap_or(u32::MAX),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        // Set by the server, which owns the limit.
+        max_dispatch_rows: 0,
     }
 }
 
@@ -241,7 +296,7 @@ mod tests {
     #[test]
     fn valid_request_decodes() {
         let s = spec();
-        let d = decode_dispatch(request(&s, 3, 2), &s).unwrap();
+        let d = decode_dispatch(request(&s, 3, 2), &s, 8).unwrap();
         assert_eq!(d.num_rows, 3);
         assert_eq!(d.rows.len(), 3 * s.hidden_size);
         assert_eq!(d.rows[1], 0.01);
@@ -251,13 +306,23 @@ mod tests {
     fn each_violation_names_its_field() {
         let s = spec();
         type Mutation = fn(&mut DispatchRequest);
-        let cases: [(&str, Mutation); 9] = [
+        let cases: [(&str, Mutation); 15] = [
             ("hidden_size", |r| r.hidden_size += 1),
             ("dtype", |r| r.dtype = 0),
             ("dtype", |r| r.dtype = 77),
             ("layer", |r| r.layer = 1000),
             ("rows", |r| r.rows.truncate(1)),
-            ("rows", |r| r.num_rows = u32::MAX),
+            ("num_rows", |r| r.num_rows = u32::MAX),
+            ("num_rows", |r| r.num_rows = 9),
+            ("rows", |r| r.num_rows = 3),
+            ("expert_ids", |r| r.expert_ids[1] = 1000),
+            ("expert_weights", |r| r.expert_weights[2] = f32::NAN),
+            ("rows", |r| {
+                r.rows[4..8].copy_from_slice(&f32::NAN.to_le_bytes())
+            }),
+            ("rows", |r| {
+                r.rows[0..4].copy_from_slice(&f32::NEG_INFINITY.to_le_bytes())
+            }),
             ("expert_ids", |r| r.expert_ids.push(1)),
             ("expert_weights", |r| r.expert_weights.truncate(1)),
             ("expert_ids", |r| r.top_k = 3),
@@ -265,10 +330,23 @@ mod tests {
         for (field, mutate) in cases {
             let mut r = request(&s, 2, 2);
             mutate(&mut r);
-            let e = decode_dispatch(r, &s).unwrap_err();
+            let e = decode_dispatch(r, &s, 8).unwrap_err();
             assert_eq!(e.field, field, "{e}");
             assert!(e.to_string().contains(field));
         }
+    }
+
+    #[test]
+    fn skipped_slots_pass_and_the_size_bound_holds_a_full_message() {
+        let s = spec();
+        let mut r = request(&s, 4, 2);
+        r.expert_ids[3] = NO_EXPERT;
+        decode_dispatch(r.clone(), &s, 4).unwrap();
+        // The encoded request of `max_rows` rows fits the bound it is sized by.
+        use prost::Message;
+        let bound = max_dispatch_message_bytes(4, s.hidden_size, 2);
+        r.expert_ids = vec![u32::MAX - 1; 8];
+        assert!(r.encoded_len() <= bound, "{} > {bound}", r.encoded_len());
     }
 
     #[test]
