@@ -71,7 +71,12 @@ fn to_request(line: Line, tok: &Tokenizer, spec: &ModelSpec) -> anyhow::Result<S
     let mut r = line.sampling.request(line.max_tokens, line.logprobs)?;
     r.prompt = line.prompt;
     r.prompt_token_ids = line.prompt_token_ids;
-    Ok(request::build(r, tok, spec)?)
+    Ok(request::build(
+        r,
+        tok,
+        spec,
+        &moe_router::limits::RequestLimits::default(),
+    )?)
 }
 
 /// One finished request.

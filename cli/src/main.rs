@@ -8,6 +8,7 @@ mod check_config;
 mod checkpoint_cmd;
 mod cluster_cmd;
 mod generate_cmd;
+mod limit_flags;
 mod serve_cmd;
 mod signals;
 mod stdout;

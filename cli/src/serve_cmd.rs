@@ -131,6 +131,8 @@ pub struct ServeArgs {
     /// load is always in /v1/cluster.
     #[arg(long, env = "MOE_METRICS_EXPERT_DETAIL")]
     metrics_expert_detail: bool,
+    #[command(flatten)]
+    limits: crate::limit_flags::LimitArgs,
     /// Validate the flags and the files they name, print the effective configuration as
     /// JSON on stdout and exit (0 when valid) without starting anything.
     #[arg(long)]
@@ -162,6 +164,10 @@ fn check_config(a: &ServeArgs, cfg: &RouterConfig, mode: Mode) -> anyhow::Result
         check::dialable("--listen", &moe_control::advertise_address(grpc))?;
     }
     let model = if a.model.is_some() {
+        let context = moe_model::ModelSpec::from_dir(&cfg.model_dir)
+            .map(|s| s.max_position_embeddings)
+            .unwrap_or(usize::MAX);
+        cfg.limits.check_model(context)?;
         check::model(&cfg.model_dir)?
     } else {
         serde_json::json!({"path": null, "builtin_demo": true})
@@ -213,6 +219,7 @@ fn check_config(a: &ServeArgs, cfg: &RouterConfig, mode: Mode) -> anyhow::Result
             "file": cfg.api_keys.file().map(|p| p.display().to_string()),
         },
         "metrics_expert_detail": cfg.metrics_expert_detail,
+        "limits": crate::limit_flags::to_json(&cfg.limits),
     }))
 }
 
@@ -372,6 +379,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
             retry_backoff: Duration::from_millis(50),
             mark_down_for: Duration::from_millis(a.mark_down_ms),
             worker_tls: worker_tls.as_ref().map(|(_, c)| c.clone()),
+            ..DispatchConfig::default()
         },
         replicas: a.expert_replicas,
         startup_timeout: Duration::from_secs(a.startup_timeout_secs),
@@ -382,6 +390,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         api_keys: ApiKeys::load(&a.api_key, a.api_keys_file.clone())?,
         metrics_expert_detail: a.metrics_expert_detail,
         api_tls: api_tls.clone(),
+        limits: a.limits.limits()?,
     };
     if a.check_config {
         return check_config(&a, &cfg, mode);

@@ -36,6 +36,9 @@ pub struct DispatchConfig {
     /// Mutual TLS to the workers (the router's certificate, the cluster CA, the worker
     /// role required of them); `None`: plain TCP (`--insecure`).
     pub worker_tls: Option<Arc<moe_tls::ClientConfig>>,
+    /// gRPC message limit of dispatch streams, each way: the largest step's dispatch
+    /// (`--max-batch-tokens` rows), set by [`crate::run_router`] once the model is known.
+    pub max_message_bytes: usize,
 }
 
 impl std::fmt::Debug for DispatchConfig {
@@ -46,6 +49,7 @@ impl std::fmt::Debug for DispatchConfig {
             .field("retry_backoff", &self.retry_backoff)
             .field("mark_down_for", &self.mark_down_for)
             .field("worker_mutual_tls", &self.worker_tls.is_some())
+            .field("max_message_bytes", &self.max_message_bytes)
             .finish()
     }
 }
@@ -58,6 +62,7 @@ impl Default for DispatchConfig {
             retry_backoff: Duration::from_millis(50),
             mark_down_for: Duration::from_secs(5),
             worker_tls: None,
+            max_message_bytes: 256 << 20,
         }
     }
 }
@@ -236,6 +241,9 @@ impl RemoteBackend {
         cfg: DispatchConfig,
         metrics: RouterMetrics,
     ) -> RemoteBackend {
+        for w in &workers {
+            w.set_max_message_bytes(cfg.max_message_bytes);
+        }
         RemoteBackend {
             workers: RwLock::new(workers),
             wait_for_copies: false,
@@ -261,6 +269,7 @@ impl RemoteBackend {
 
     /// Adds a worker; returns its index for [`set_routes`](Self::set_routes).
     pub fn add_worker(&self, client: Arc<WorkerClient>) -> usize {
+        client.set_max_message_bytes(self.cfg.max_message_bytes);
         match self.workers.write() {
             Ok(mut w) => {
                 w.push(client);

@@ -19,6 +19,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::chat_template::{ChatMessage, ChatTemplate, NO_TEMPLATE};
+use crate::limits::RequestLimits;
 use crate::metrics::RouterMetrics;
 use crate::request::{build, ClientRequest};
 use crate::scheduler::{EngineHandle, Event};
@@ -35,6 +36,8 @@ pub struct Api {
     pub metrics: RouterMetrics,
     /// The chat template; `None`: chat requests are refused (INVALID_ARGUMENT / 400).
     pub chat_template: Option<Arc<ChatTemplate>>,
+    /// What one request may ask for (prompt tokens, stop strings, logprobs, choices).
+    pub limits: Arc<RequestLimits>,
 }
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(1);
@@ -50,7 +53,7 @@ impl Api {
         id: String,
         trace: Option<TraceParent>,
     ) -> Result<tokio::sync::mpsc::Receiver<Event>, crate::ServeError> {
-        let seq = build(req, &self.tokenizer, &self.spec).inspect_err(|e| {
+        let seq = build(req, &self.tokenizer, &self.spec, &self.limits).inspect_err(|e| {
             tracing::info!(request_id = %id, error = %e, "request refused");
             self.metrics
                 .requests

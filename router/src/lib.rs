@@ -6,6 +6,7 @@
 //! - [`api_keys`]: the bearer keys both client APIs require when any are configured.
 //! - [`chat_template`]: the checkpoint's Jinja chat template, for `/v1/chat/completions`.
 //! - [`request`]: client request → validated `SequenceRequest`.
+//! - [`limits`]: every bound on what clients send and hold, checked at start-up.
 //! - [`scheduler`]: the engine thread with continuous batching.
 //! - [`backend`] and [`remote`]: the expert backends — device actors in this process, or
 //!   workers over gRPC.
@@ -23,6 +24,7 @@ pub mod elastic;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod limits;
 pub mod load;
 pub mod metrics;
 pub mod readiness;

@@ -5,7 +5,7 @@
 //! next call.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,8 @@ pub struct WorkerClient {
     channel: Channel,
     stream: tokio::sync::Mutex<Option<Arc<Stream>>>,
     next_id: AtomicU64,
+    /// gRPC message limit of the dispatch stream, each way.
+    max_message_bytes: AtomicUsize,
 }
 
 fn unavailable(addr: &str, what: impl std::fmt::Display) -> ExpertError {
@@ -64,7 +66,14 @@ impl WorkerClient {
             channel,
             stream: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
+            max_message_bytes: AtomicUsize::new(256 << 20),
         })
+    }
+
+    /// Sizes the dispatch stream's message limit (from the largest step); applies to
+    /// streams opened from now on.
+    pub fn set_max_message_bytes(&self, bytes: usize) {
+        self.max_message_bytes.store(bytes, Ordering::Relaxed);
     }
 
     pub fn addr(&self) -> &str {
@@ -79,9 +88,10 @@ impl WorkerClient {
             }
         }
         let (tx, rx) = mpsc::channel::<DispatchRequest>(64);
+        let limit = self.max_message_bytes.load(Ordering::Relaxed);
         let mut client = ExpertServiceClient::new(self.channel.clone())
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20);
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
         let mut inbound = client
             .dispatch(ReceiverStream::new(rx))
             .await

@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 
 use crate::chat_template::ChatMessage;
 use crate::error::ServeError;
+use crate::limits::RequestLimits;
 
 /// A client request in the router's own terms (every API maps onto it).
 #[derive(Debug, Clone, Default)]
@@ -139,12 +140,15 @@ pub fn reject_unknown(rest: &Map<String, Value>, refused: &[&str]) -> Result<(),
     Ok(())
 }
 
-/// Validates and tokenises.
+/// Validates against the model and `limits`, and tokenises.
 pub fn build(
     req: ClientRequest,
     tok: &Tokenizer,
     spec: &ModelSpec,
+    limits: &RequestLimits,
 ) -> Result<SequenceRequest, ServeError> {
+    // The cheap checks first: nothing is tokenised for a request refused anyway.
+    check_limits(&req, limits)?;
     let prompt = match (req.prompt, req.prompt_token_ids) {
         (Some(p), Some(ids)) if !p.is_empty() && !ids.is_empty() => {
             return Err(ServeError::invalid(
@@ -167,14 +171,16 @@ pub fn build(
             ),
         ));
     }
-    if prompt.len() >= spec.max_position_embeddings {
+    let most = limits.prompt_tokens(spec.max_position_embeddings);
+    if prompt.len() > most {
+        let why = if most + 1 >= spec.max_position_embeddings {
+            format!("the context is {} tokens", spec.max_position_embeddings)
+        } else {
+            format!("this server accepts at most {most}")
+        };
         return Err(ServeError::invalid(
             "prompt",
-            format!(
-                "the prompt has {} tokens; the context is {} tokens",
-                prompt.len(),
-                spec.max_position_embeddings
-            ),
+            format!("the prompt has {} tokens; {why}", prompt.len()),
         ));
     }
     if req.max_tokens == 0 {
@@ -195,6 +201,41 @@ pub fn build(
         sampling: req.sampling,
         stop,
     })
+}
+
+/// The request's stop strings and logprobs against the server's limits.
+fn check_limits(req: &ClientRequest, limits: &RequestLimits) -> Result<(), ServeError> {
+    if req.stop.len() > limits.max_stop_strings {
+        return Err(ServeError::invalid(
+            "stop",
+            format!(
+                "at most {} stop strings, got {}",
+                limits.max_stop_strings,
+                req.stop.len()
+            ),
+        ));
+    }
+    if let Some(long) = req
+        .stop
+        .iter()
+        .find(|s| s.len() > limits.max_stop_string_bytes)
+    {
+        return Err(ServeError::invalid(
+            "stop",
+            format!(
+                "a stop string has {} bytes; at most {} are allowed",
+                long.len(),
+                limits.max_stop_string_bytes
+            ),
+        ));
+    }
+    match req.sampling.logprobs {
+        Some(n) if n > limits.max_logprobs => Err(ServeError::invalid(
+            "logprobs",
+            format!("must be <= {}, got {n}", limits.max_logprobs),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn sampling_err(e: moe_model::sampling::SamplingError) -> ServeError {
@@ -319,5 +360,65 @@ mod tests {
         };
         assert_eq!(k(-1).request(4, None).unwrap().sampling.top_k, 0);
         assert!(k(-2).request(4, None).is_err());
+    }
+
+    #[test]
+    fn limits_refuse_by_field_before_any_work() {
+        use moe_model::tiny::{self, Size, StoreDtype, TinyOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let opts = TinyOptions {
+            arch: moe_model::Arch::Mixtral,
+            size: Size::Tiny,
+            dtype: StoreDtype::F32,
+            seed: 0,
+            max_shard_bytes: None,
+        };
+        tiny::write(dir.path(), &opts).unwrap();
+        let spec = ModelSpec::from_dir(dir.path()).unwrap();
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        let limits = RequestLimits {
+            max_prompt_tokens: Some(4),
+            max_stop_strings: 1,
+            max_stop_string_bytes: 3,
+            max_logprobs: 2,
+            ..RequestLimits::default()
+        };
+        let req = |f: fn(&mut ClientRequest)| {
+            let mut r = ClientRequest {
+                prompt_token_ids: Some(vec![3, 4, 5, 6]),
+                max_tokens: 2,
+                ..ClientRequest::default()
+            };
+            f(&mut r);
+            build(r, &tok, &spec, &limits).map(|_| ())
+        };
+        req(|_| {}).unwrap();
+        let field = |e: ServeError| match e {
+            ServeError::InvalidArgument { field, .. } => field,
+            other => panic!("{other}"),
+        };
+        type Mutation = fn(&mut ClientRequest);
+        let cases: [(&str, Mutation); 4] = [
+            ("prompt", |r| r.prompt_token_ids = Some(vec![3; 5])),
+            ("stop", |r| r.stop = vec!["a".into(), "b".into()]),
+            ("stop", |r| r.stop = vec!["abcd".into()]),
+            ("logprobs", |r| r.sampling.logprobs = Some(3)),
+        ];
+        for (want, mutate) in cases {
+            assert_eq!(field(req(mutate).unwrap_err()), want);
+        }
+        // Without a prompt limit the context decides, and says so.
+        let e = build(
+            ClientRequest {
+                prompt_token_ids: Some(vec![3; spec.max_position_embeddings]),
+                max_tokens: 1,
+                ..ClientRequest::default()
+            },
+            &tok,
+            &spec,
+            &RequestLimits::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("the context is"), "{e}");
     }
 }

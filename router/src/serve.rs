@@ -68,6 +68,8 @@ pub struct RouterConfig {
     /// `None`: plain TCP. Separate from the cluster's mutual TLS to workers
     /// ([`DispatchConfig::worker_tls`](crate::DispatchConfig)).
     pub api_tls: Option<Arc<moe_tls::Material>>,
+    /// Bounds on requests and client connections.
+    pub limits: crate::limits::Limits,
 }
 
 /// The default served name: the checkpoint folder's name, never a path.
@@ -128,6 +130,14 @@ async fn place_remote(
                 c.addr(),
                 info.hidden_size,
                 spec.hidden_size
+            );
+        }
+        let rows = info.max_dispatch_rows as usize;
+        if rows != 0 && rows < cfg.engine.max_batch_tokens {
+            anyhow::bail!(
+                "worker {} accepts at most {rows} rows per dispatch (its --max-dispatch-rows) and this router's steps have up to {} (--max-batch-tokens): raise the one or lower the other",
+                c.addr(),
+                cfg.engine.max_batch_tokens
             );
         }
         for d in info.devices {
@@ -235,7 +245,7 @@ fn log_plan(p: &PlacementPlan) {
 /// Runs a router until `shutdown` is cancelled. `on_ready` gets the bound addresses once
 /// it serves.
 pub async fn run_router(
-    cfg: RouterConfig,
+    mut cfg: RouterConfig,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
     shutdown: CancellationToken,
@@ -246,6 +256,12 @@ pub async fn run_router(
         http: http_listener.local_addr()?,
     };
     let spec = ModelSpec::from_dir(&cfg.model_dir)?;
+    cfg.limits.check_model(spec.max_position_embeddings)?;
+    cfg.dispatch.max_message_bytes = moe_worker::wire::max_dispatch_message_bytes(
+        cfg.engine.max_batch_tokens,
+        spec.hidden_size,
+        spec.moe.top_k,
+    );
     let tokenizer = Arc::new(Tokenizer::from_dir(&cfg.model_dir)?);
     let chat_template =
         crate::chat_template::ChatTemplate::load(&cfg.model_dir, cfg.chat_template.as_deref())?
@@ -388,6 +404,7 @@ pub async fn run_router(
         }),
         metrics: metrics.clone(),
         chat_template,
+        limits: Arc::new(cfg.limits.request.clone()),
     };
     let serving = Arc::new(AtomicBool::new(true));
     if cfg.api_keys.is_open() {
@@ -441,13 +458,14 @@ pub async fn run_router(
         None => (None, None),
     };
     let grpc_stop = CancellationToken::new();
-    let grpc = tonic::transport::Server::builder()
+    let grpc = crate::limits::grpc_server(&cfg.limits.grpc)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(GenerationServer::with_interceptor(
+        .add_service(crate::limits::generation_service(
             api.clone(),
-            crate::api_keys::grpc_interceptor(cfg.api_keys.clone()),
+            cfg.api_keys.clone(),
+            &cfg.limits.grpc,
         ))
         .serve_with_incoming_shutdown(
             moe_tls::server::incoming_stream(grpc_listener, grpc_tls),
@@ -463,21 +481,15 @@ pub async fn run_router(
         cluster: cluster_view,
         created: crate::http::unix_now(),
         api_keys: cfg.api_keys.clone(),
+        limits: cfg.limits.http.clone(),
     });
     let grpc_task = tokio::spawn(grpc);
-    let http_task = match http_tls {
-        Some(tls) => {
-            let listener = crate::http::TlsListener::new(http_listener, tls)?;
-            let http = axum::serve(listener, app)
-                .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-            tokio::spawn(async move { http.await })
-        }
-        None => {
-            let http = axum::serve(http_listener, app)
-                .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-            tokio::spawn(async move { http.await })
-        }
-    };
+    let http_task = tokio::spawn(crate::http::server::serve(
+        moe_tls::server::incoming(http_listener, http_tls),
+        app,
+        cfg.limits.http.clone(),
+        http_stop.clone(),
+    ));
     on_ready(bound);
 
     shutdown.cancelled().await;

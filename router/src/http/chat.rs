@@ -181,7 +181,7 @@ pub async fn handle(
         return Err(ApiError::invalid("top_logprobs", "needs `logprobs: true`"));
     }
     let ids = s.api.chat_prompt(&messages(body.messages)?)?;
-    let n = params::check_n(body.n, 1)?;
+    let n = params::check_n(body.n, 1, s.api.limits.max_choices)?;
     let logprobs = body.logprobs.then_some(body.top_logprobs.unwrap_or(0));
     let max_tokens = body.max_completion_tokens.or(body.max_tokens).unwrap_or(
         // No limit given: as much as the context allows (request::build caps it).

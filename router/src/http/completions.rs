@@ -147,7 +147,7 @@ pub async fn handle(
         ));
     }
     let prompts = prompts(&s, body.prompt)?;
-    let n = params::check_n(body.n, prompts.len())?;
+    let n = params::check_n(body.n, prompts.len(), s.api.limits.max_choices)?;
     let mut reqs = Vec::new();
     let mut echoes = Vec::new();
     for p in &prompts {

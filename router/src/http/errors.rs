@@ -1,6 +1,6 @@
 //! Errors of the HTTP API in OpenAI's shape, `{"error": {"message", "type", "param",
-//! "code"}}`, for every status the API answers with (400, 401, 404, 405, 413, 429, 500,
-//! 503), so client libraries raise their matching exception classes. Handlers return
+//! "code"}}`, for every status the API answers with (400, 401, 404, 405, 408, 413, 429,
+//! 500, 503), so client libraries raise their matching exception classes. Handlers return
 //! [`ApiError`]; what axum itself answers (unknown route, wrong method, body too large,
 //! a body that is not JSON) is rewritten into the same shape by [`openai_shape`].
 
@@ -69,7 +69,7 @@ impl ApiError {
     /// OpenAI's `type` for a status.
     fn kind(&self) -> &'static str {
         match self.status.as_u16() {
-            400 | 404 | 405 | 413 | 415 | 422 => "invalid_request_error",
+            400 | 404 | 405 | 408 | 413 | 415 | 422 => "invalid_request_error",
             401 => "authentication_error",
             403 => "permission_error",
             429 => "rate_limit_error",

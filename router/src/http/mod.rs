@@ -2,7 +2,8 @@
 //! OpenAI-compatible API over the same engine as the gRPC API: `/v1/completions`,
 //! `/v1/chat/completions` (JSON, or server-sent events with `"stream": true`) and
 //! `/v1/models`, described by `/openapi.json` ([`openapi`], from the same types).
-//! Every error of the API is in OpenAI's shape ([`errors`]).
+//! Every error of the API is in OpenAI's shape ([`errors`]). Bodies are read within
+//! bounds ([`body`]); [`server`] serves it all with timeouts against slow clients.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,7 @@ use serde_json::Value;
 
 use crate::grpc::Api;
 
+mod body;
 mod chat;
 mod choices;
 mod completions;
@@ -28,13 +30,9 @@ mod models;
 pub mod openapi;
 mod params;
 pub mod responses;
+pub mod server;
 mod status_page;
-mod tls_listener;
 
-pub use tls_listener::TlsListener;
-
-/// Largest request body, bytes (axum's default is 2 MiB; long prompts of token ids need more).
-pub const MAX_BODY_BYTES: usize = 16 << 20;
 
 /// State of the HTTP handlers.
 #[derive(Clone)]
@@ -54,6 +52,8 @@ pub struct HttpState {
     pub created: u64,
     /// Keys `/v1/*` requires (empty: open).
     pub api_keys: crate::api_keys::ApiKeys,
+    /// Body size and read deadline of `/v1/*` requests.
+    pub limits: crate::limits::HttpLimits,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -62,7 +62,12 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/completions", post(completions::handle))
         .route("/v1/chat/completions", post(chat::handle))
         .fallback(errors::not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // The body is read (within its limits) by `body::bounded`, before the handlers.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.limits.clone(),
+            body::bounded,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.api_keys.clone(),
             require_key,

@@ -7,9 +7,6 @@ use utoipa::ToSchema;
 
 use super::errors::ApiError;
 
-/// Most choices one request may ask for (prompts × `n`).
-pub const MAX_CHOICES: usize = 128;
-
 /// `stream_options`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -36,19 +33,18 @@ pub fn sample_seed(seed: Option<u64>, i: usize) -> Option<u64> {
     seed.map(|s| s.wrapping_add(i as u64))
 }
 
-/// Checks `n` against the number of prompts.
-pub fn check_n(n: Option<u32>, prompts: usize) -> Result<usize, ApiError> {
+/// Checks `n` against the number of prompts: at most `max_choices` (`--max-choices`)
+/// choices in all.
+pub fn check_n(n: Option<u32>, prompts: usize, max_choices: usize) -> Result<usize, ApiError> {
     let n = n.unwrap_or(1) as usize;
     if n == 0 {
         return Err(ApiError::invalid("n", "must be at least 1"));
     }
-    if n * prompts > MAX_CHOICES {
+    let choices = n.saturating_mul(prompts);
+    if choices > max_choices {
         return Err(ApiError::invalid(
             "n",
-            format!(
-                "prompts × n is {}; at most {MAX_CHOICES} choices per request",
-                n * prompts
-            ),
+            format!("prompts × n is {choices}; at most {max_choices} choices per request"),
         ));
     }
     Ok(n)
@@ -75,9 +71,11 @@ mod tests {
         assert_eq!(sample_seed(Some(7), 0), Some(7));
         assert_eq!(sample_seed(Some(u64::MAX), 1), Some(0));
         assert_eq!(sample_seed(None, 3), None);
-        assert!(check_n(Some(0), 1).is_err());
-        assert!(check_n(Some(200), 1).is_err());
-        assert_eq!(check_n(None, 3).unwrap(), 1);
+        assert!(check_n(Some(0), 1, 128).is_err());
+        assert!(check_n(Some(200), 1, 128).is_err());
+        assert!(check_n(Some(2), 3, 5).is_err());
+        assert!(check_n(Some(u32::MAX), usize::MAX, 128).is_err());
+        assert_eq!(check_n(None, 3, 128).unwrap(), 1);
     }
 
     #[test]
