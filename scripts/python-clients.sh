@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Makes (or reuses) the Python venv with the client libraries the end-to-end client tests
 # drive (the official `openai` package; grpcio and its tools for the gRPC client;
-# openapi-spec-validator and jsonschema for the OpenAPI document) and
+# openapi-spec-validator and jsonschema for the OpenAPI document; schemathesis to fuzz the
+# API from that document) and
 # prints the venv's python path on stdout. Cached: a venv whose pins match is reused.
 #   MOE_CLIENTS_VENV  where the venv lives (default ~/.cache/moe-cluster/venv-clients)
 set -euo pipefail
 
 venv="${MOE_CLIENTS_VENV:-$HOME/.cache/moe-cluster/venv-clients}"
 pins=(openai==3.51.0 grpcio==1.85.1 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
-      openapi-spec-validator==0.9.0)
+      openapi-spec-validator==0.9.0 schemathesis==4.32.5)
 stamp="$venv/.moe-pins"
 
 # Tests run in parallel processes: one makes the venv, the others wait for it.

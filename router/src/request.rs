@@ -26,7 +26,8 @@ pub struct ClientRequest {
     pub ignore_eos: bool,
 }
 
-/// `stop`: one string or a list.
+/// `stop`: one string or a list (at most `--max-stop-strings`, default 16, of at most
+/// `--max-stop-string-bytes`, default 256, each non-empty).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Stop {
@@ -41,24 +42,31 @@ pub enum Stop {
 pub struct SamplingFields {
     /// Softmax temperature; 0 is greedy. Default 1.
     #[serde(default)]
+    #[schema(minimum = 0.0)]
     pub temperature: Option<f32>,
     /// Nucleus sampling mass in (0, 1]. Default 1 (off).
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
     /// Sample among the k most likely tokens; -1 or 0 is off (the default).
     #[serde(default)]
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
     /// Drop tokens less likely than `min_p` × the most likely one. Default 0 (off).
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub min_p: Option<f32>,
     /// Divides the logits of tokens already seen (> 1 discourages repeats). Default 1.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     pub repetition_penalty: Option<f32>,
     /// Subtracted from the logits of tokens already generated. Default 0.
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
     /// Subtracted per occurrence from the logits of generated tokens. Default 0.
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
     /// Seed of the sampler: the same request with the same seed gives the same tokens.
     #[serde(default)]

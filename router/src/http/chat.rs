@@ -60,6 +60,7 @@ pub enum Content {
 pub struct ContentPart {
     /// `text` (other types are refused).
     #[serde(rename = "type")]
+    #[schema(pattern = "^text$")]
     pub kind: String,
     #[serde(default)]
     pub text: Option<String>,
@@ -70,6 +71,7 @@ pub struct ContentPart {
 #[serde(deny_unknown_fields)]
 pub struct Message {
     /// `system`, `user` or `assistant`.
+    #[schema(pattern = "^(system|user|assistant)$")]
     pub role: String,
     pub content: Content,
     /// Accepted; templates do not use it.
@@ -85,21 +87,28 @@ pub struct ChatCompletionRequest {
     /// A served model name (`GET /v1/models`); default the first.
     #[serde(default)]
     pub model: Option<String>,
+    #[schema(min_items = 1)]
     pub messages: Vec<Message>,
     /// Most tokens to generate; default: what the context leaves.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
     /// The same as `max_tokens` (wins when both are given).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u32>,
     /// Return the log-probability of each generated token.
     #[serde(default)]
     pub logprobs: bool,
-    /// With `logprobs`: this many top alternatives per token.
+    /// With `logprobs`: this many top alternatives per token (at most `--max-logprobs`,
+    /// default 20).
     #[serde(default)]
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<u32>,
-    /// Independent samples; with `seed`, sample i uses seed + i.
+    /// Independent samples; with `seed`, sample i uses seed + i. At most `--max-choices`
+    /// (default 128).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 128)]
     pub n: Option<u32>,
     /// Answer with server-sent events.
     #[serde(default)]
@@ -161,7 +170,9 @@ fn messages(list: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
     request_body = ChatCompletionRequest,
     responses(
         (status = 200, description = "The answer; with `stream: true`, `text/event-stream` \
-            of `ChatChunk` events ended by `data: [DONE]`", body = ChatCompletion),
+            of `ChatChunk` events ended by `data: [DONE]`",
+            content((ChatCompletion = "application/json"), (String = "text/event-stream"))),
+        (status = 408, description = "the body did not arrive in time", body = ErrorResponse),
         (status = 400, description = "invalid request, or the model has no chat template",
             body = ErrorResponse),
         (status = 401, body = ErrorResponse),

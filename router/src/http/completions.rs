@@ -51,13 +51,17 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
     /// Most tokens to generate per choice; default 16 (capped by the context).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
-    /// Return log-probabilities with this many top alternatives per token.
+    /// Return log-probabilities with this many top alternatives per token (at most
+    /// `--max-logprobs`, default 20).
     #[serde(default)]
+    #[schema(maximum = 20)]
     pub logprobs: Option<u32>,
     /// Samples per prompt (choice index = prompt × n + sample); with `seed`, sample i
-    /// uses seed + i.
+    /// uses seed + i. Prompts × n is at most `--max-choices` (default 128).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 128)]
     pub n: Option<u32>,
     /// Put the prompt before the completion in `text`.
     #[serde(default)]
@@ -126,7 +130,9 @@ fn prompts(s: &HttpState, p: Prompt) -> Result<Vec<OnePrompt>, ApiError> {
     request_body = CompletionRequest,
     responses(
         (status = 200, description = "A completion; with `stream: true`, `text/event-stream` \
-            of `Completion` chunks ended by `data: [DONE]`", body = Completion),
+            of `Completion` chunks ended by `data: [DONE]`",
+            content((Completion = "application/json"), (String = "text/event-stream"))),
+        (status = 408, description = "the body did not arrive in time", body = ErrorResponse),
         (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
         (status = 404, description = "model not served", body = ErrorResponse),
         (status = 413, body = ErrorResponse), (status = 429, body = ErrorResponse),
