@@ -3,6 +3,7 @@
 //! ([`run_moe`]) or as a server ([`Proc`]) so that a failure shows every command line and
 //! everything each process printed, scraping `/metrics` over plain HTTP, and the gRPC and
 //! offline (`moe generate`) views of the same greedy request ([`GreedyReq`], [`Tok`]).
+//! [`http_client`] is a real HTTP/1.1 and HTTP/2 client for many concurrent requests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod cluster;
 pub mod docker;
+pub mod http_client;
 pub mod netns;
 pub mod python;
 use moe_proto::v1::expert_service_client::ExpertServiceClient;
