@@ -232,6 +232,7 @@ fn bad_limit_values_stop_the_start_naming_the_flag() {
             m,
             "--max-dispatch-rows",
             "0",
+            "--insecure",
             "--check-config",
         ],
         false,
@@ -256,6 +257,7 @@ fn bad_limit_values_stop_the_start_naming_the_flag() {
             "512",
             "--startup-timeout-secs",
             "30",
+            "--insecure",
         ],
         false,
     );
