@@ -37,6 +37,9 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import manifest_tls  # noqa: E402  (this folder's module: cert-manager schemas, TLS files)
+
 MIN_K8S = (1, 30)
 MOE_IMAGE = "moe-cluster"
 # Margin required between terminationGracePeriodSeconds and what the process may use.
@@ -316,6 +319,9 @@ CRD_SCHEMAS = {
 PROMETHEUS_TRIGGER_KEYS = ("serverAddress", "query", "threshold")
 
 
+CRD_SCHEMAS.update(manifest_tls.SCHEMAS)
+
+
 def k8s_versions() -> list[str]:
     """Versions from the installed kubernetes-validate's schema directories, >= 1.30."""
     import kubernetes_validate.utils as kvu
@@ -363,7 +369,7 @@ def validate_schemas(validator: str, rendered: list[tuple[str, list[dict]]], tmp
         for o in crds:
             schema = CRD_SCHEMAS[(o["apiVersion"], o["kind"])]
             errs = sorted(jsonschema.Draft202012Validator(schema).iter_errors(o), key=str)
-            extra = crd_semantics(o)
+            extra = crd_semantics(o) + manifest_tls.semantics(o, objs)
             check(not errs and not extra,
                   f"{name}: {o['kind']}/{o['metadata']['name']} structurally valid (subset schema; "
                   "kubernetes-validate has no schema for it)",
@@ -710,13 +716,23 @@ class BinaryCheck:
         note(f"wrote a tiny test checkpoint with `moe checkpoint new --arch deepseek_v3 --out {self.model}`; "
              "it stands in for MOE_MODEL / --model of every container below")
         self.cuda_notes: set[str] = set()
+        self.tls = manifest_tls.TlsIssuer(moe, tmp, self.home)
+        # (render, workload, container) -> the names of pod 0's certificate
+        self.cert_names: dict[tuple[str, str, str], list[str]] = {}
 
     def config(self, what: str, w: dict, c: dict, objs: list[dict], index: int):
         """Runs the container's command line with --check-config; returns (json, env, args)."""
         env = resolve_env(w, c, objs, index)
         args = [expand(a, env) for a in c.get("command", [])[1:] + c.get("args", [])] if c.get("command") else \
                [expand(a, env) for a in c.get("args", [])]
-        subs = []
+        subs, tls_errs = [], []
+        if is_moe(c) and args[:1] in (["router"], ["worker"]):
+            tls_subs, names, tls_errs = self.tls.substitute(
+                args[0], pod_spec(w), c, objs, env,
+                placeholder(w, "metadata.name", index), placeholder(w, "metadata.namespace", index))
+            subs += tls_subs
+            if index == 0:
+                self.cert_names[(what, args[0])] = names
         if "MOE_MODEL" in env:
             subs.append(f"MOE_MODEL={env['MOE_MODEL']}")
             env["MOE_MODEL"] = str(self.model)
@@ -737,13 +753,16 @@ class BinaryCheck:
                 self.cuda_notes.add(msg)
                 note(msg)
             r = run_moe(self.moe, args2 + ["--check-config"], env2, self.home)
-        return r, env, args, subs
+        return r, env, args, subs, tls_errs
 
     def check_container(self, render: str, w: dict, c: dict, objs: list[dict]) -> None:
         wn = f"{w['kind']}/{w['metadata']['name']}/{c['name']}"
         what = f"{render}: {wn}"
-        r, env, args, subs = self.config(what, w, c, objs, 0)
+        r, env, args, subs, tls_errs = self.config(what, w, c, objs, 0)
         shown = " ".join(args) + " --check-config"
+        if tls_errs:
+            fail(f"{what}: mutual TLS: {'; '.join(tls_errs)}")
+            return
         if r.returncode != 0:
             lines = (r.stderr.strip() or r.stdout.strip()).splitlines()
             err = [l for l in lines if l.startswith("error")] or lines[-1:]
@@ -792,9 +811,21 @@ class BinaryCheck:
             if pk == "grpc" and pp != gport:
                 errs.append(f"{kind} is a gRPC probe on {pp}, not the gRPC port {gport}")
             probes[kind] = (pk, pp, p.get(pk, {}).get("service") if pk == "grpc" else None, p)
+        # The kubelet's gRPC probes speak plain text: where the gRPC port is TLS (a
+        # worker's mutual TLS, a router's --api-tls-*), probes go to the HTTP port.
+        grpc_tls = cfg.get("mutual_tls") if command == "worker" else cfg.get("api_tls")
+        if command in ("router", "worker") and not cfg.get("mutual_tls"):
+            errs.append("runs without mutual TLS between routers and workers (MOE_INSECURE); "
+                        "the manifests turn it on by default")
         want_service = {"startupProbe": "liveness", "livenessProbe": "liveness", "readinessProbe": ""}
-        for kind, (pk, _, svc, _) in probes.items():
-            if pk != "grpc":
+        want_path = {"startupProbe": "/health/live", "livenessProbe": "/health/live", "readinessProbe": "/health"}
+        for kind, (pk, pp, svc, p) in probes.items():
+            if grpc_tls:
+                path = p.get("httpGet", {}).get("path")
+                if pk != "httpGet" or pp != hport or path != want_path[kind]:
+                    errs.append(f"{kind} is {pk} {path or ''} on {pp}; the gRPC port is TLS, so it must be "
+                                f"httpGet {want_path[kind]} on the http port {hport}")
+            elif pk != "grpc":
                 errs.append(f"{kind} is {pk}, not a gRPC probe")
             elif (svc or "") != want_service[kind]:
                 errs.append(f"{kind} asks service {svc!r}, expected {want_service[kind]!r}")
@@ -828,16 +859,24 @@ class BinaryCheck:
                 pod = placeholder(w, "metadata.name", 0)
                 if not ahost.startswith(f"{pod}.{w['spec']['serviceName']}."):
                     errs.append(f"advertise {adv} is not the pod's DNS name {pod}.{w['spec']['serviceName']}.<ns>...")
+            names = self.cert_names.get((what, command))
+            if command == "worker" and cfg.get("mutual_tls") and names is not None \
+                    and not manifest_tls.names_cover(names, ahost):
+                errs.append(f"the worker's certificate names {names}, not the advertised {ahost} (routers refuse it)")
         if errs:
             fail(f"{what}: {'; '.join(errs)}")
         else:
+            shown_probes = ("httpGet /health/live, /health (gRPC port is TLS)" if grpc_tls
+                            else "gRPC: startup/liveness 'liveness', readiness ''")
             ok(f"{what}: ports grpc={gport} http={hport} match containerPorts and probes "
-               f"(startup/liveness 'liveness', readiness ''); grace {grace}s > {parts} = {need}s"
-               + (f"; advertises {adv}" if adv else ""))
+               f"({shown_probes}); grace {grace}s > {parts} = {need}s"
+               + (f"; advertises {adv}" if adv else "")
+               + (f"; mutual TLS, certificate for {', '.join(self.cert_names.get((what, command)) or [])}"
+                  if cfg.get("mutual_tls") else ""))
         # Two pods of one workload must not share an identity in etcd.
         idkey = {"router": ("experts", "router_id"), "worker": (None, "worker_id")}.get(command)
         if idkey and w["spec"].get("replicas", 1) != 0:
-            r1, _, _, _ = self.config(what, w, c, objs, 1)
+            r1, _, _, _, _ = self.config(what, w, c, objs, 1)
             try:
                 cfg1 = json.loads(r1.stdout)
             except json.JSONDecodeError:

@@ -1,6 +1,9 @@
 //! The worker's plain-HTTP endpoints, for Prometheus and Kubernetes probes:
-//! `GET /metrics` (the node's registry in the Prometheus text format) and `GET /health`
-//! (200 `ok` while serving, 503 once shutdown has begun).
+//! `GET /metrics` (the node's registry in the Prometheus text format), `GET /health`
+//! (200 `ok` while serving, 503 once shutdown has begun: readiness) and
+//! `GET /health/live` (200 while the process runs: startup and liveness). With mutual
+//! TLS on the gRPC port, the kubelet's gRPC probes (plain text) cannot reach it, so
+//! probes use these.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +28,7 @@ pub(crate) fn router(node: Node, serving: Arc<AtomicBool>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
+        .route("/health/live", get(|| async { "ok" }))
         .with_state(HttpState { node, serving })
 }
 

@@ -558,7 +558,11 @@ async fn metrics_endpoint_serves_prometheus_text() {
             .unwrap_or_else(|| panic!("bad line {line}"));
         assert!(value.parse::<f64>().is_ok(), "bad value in {line}");
         let name = series.split('{').next().unwrap();
-        assert!(name.starts_with("moe_worker_"), "bad name in {line}");
+        // The worker's own series, and the build identity every moe process exports.
+        assert!(
+            name.starts_with("moe_worker_") || name == "moe_build_info",
+            "bad name in {line}"
+        );
         assert!(
             name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
             "bad name in {line}"
@@ -614,6 +618,9 @@ async fn health_is_serving_then_not_serving_on_shutdown() {
     // The watch keeps the gRPC server draining: HTTP health already says 503.
     let (status, _) = http_get(w.http, "/health").await;
     assert_eq!(status, 503);
+    // Liveness stays up while draining (the kubelet must not restart a draining pod).
+    let (status, body) = http_get(w.http, "/health/live").await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
     drop(watch);
     drop(stream);
     let grpc = w.grpc;
