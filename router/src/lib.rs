@@ -32,6 +32,7 @@ pub mod remote;
 pub mod request;
 pub mod scheduler;
 pub mod serve;
+pub mod static_control;
 
 pub use error::ServeError;
 pub use serve::{run_router, Bound, ExpertSource, RouterConfig};

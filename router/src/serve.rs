@@ -2,14 +2,13 @@
 //! actors, or on remote workers given statically), start the engine, serve gRPC and HTTP,
 //! and drain on shutdown.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use moe_control::{plan, DeviceSlot, PlacementPlan, PlanInput};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::{ExpertBackend, LocalExperts, Model, ModelSpec, Tokenizer, WeightDtype};
@@ -24,7 +23,6 @@ use crate::grpc::Api;
 use crate::http::{router, HttpState};
 use crate::metrics::RouterMetrics;
 use crate::readiness::{self, Readiness};
-use crate::remote::WorkerClient;
 use crate::scheduler::{Engine, EngineConfig};
 
 /// Where the routed experts live.
@@ -89,105 +87,6 @@ pub struct Bound {
 
 fn expert_keys(spec: &ModelSpec) -> Vec<(usize, u32)> {
     LocalExperts::all_of(spec)
-}
-
-async fn place_remote(
-    cfg: &RouterConfig,
-    spec: &ModelSpec,
-    metrics: &RouterMetrics,
-) -> anyhow::Result<RemoteBackend> {
-    let ExpertSource::Remote { workers } = &cfg.experts else {
-        anyhow::bail!("not a remote configuration");
-    };
-    let clients: Vec<Arc<WorkerClient>> = workers
-        .iter()
-        .map(|a| {
-            WorkerClient::new(a, Duration::from_secs(2), cfg.dispatch.worker_tls.clone())
-                .map(Arc::new)
-        })
-        .collect::<Result<_, _>>()?;
-    // Wait (bounded) for every worker to answer Info.
-    let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
-    let mut slots = Vec::new();
-    for c in &clients {
-        let info = loop {
-            match c.info(Duration::from_secs(2)).await {
-                Ok(i) => break i,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::info!(worker = %c.addr(), error = %e, "waiting for worker");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => anyhow::bail!(
-                    "worker {} did not answer within {:?}: {e}",
-                    c.addr(),
-                    cfg.startup_timeout
-                ),
-            }
-        };
-        if info.hidden_size as usize != spec.hidden_size {
-            anyhow::bail!(
-                "worker {} serves a model with hidden size {}, the router's has {}",
-                c.addr(),
-                info.hidden_size,
-                spec.hidden_size
-            );
-        }
-        let rows = info.max_dispatch_rows as usize;
-        if rows != 0 && rows < cfg.engine.max_batch_tokens {
-            anyhow::bail!(
-                "worker {} accepts at most {rows} rows per dispatch (its --max-dispatch-rows) and this router's steps have up to {} (--max-batch-tokens): raise the one or lower the other",
-                c.addr(),
-                cfg.engine.max_batch_tokens
-            );
-        }
-        for d in info.devices {
-            slots.push(DeviceSlot {
-                worker: c.addr().to_owned(),
-                device: d.name,
-                capacity_bytes: d.capacity_bytes,
-            });
-        }
-    }
-    let experts = expert_keys(spec);
-    let mut placement = plan(&PlanInput {
-        experts: &experts,
-        expert_bytes: spec.expert_bytes_f32() as u64,
-        devices: &slots,
-        replicas: cfg.replicas,
-        previous: None,
-        load: None,
-        extra_copies: 0,
-    })?;
-    placement.version = 1;
-    log_plan(&placement);
-    // Tell every worker what to load, concurrently, and wait until all are ready.
-    let loads = clients.iter().map(|c| {
-        let assignments: Vec<(String, Vec<(usize, u32)>)> = placement
-            .assignments
-            .iter()
-            .filter(|(slot, _)| slot.worker == c.addr())
-            .map(|(slot, set)| (slot.device.clone(), set.iter().copied().collect()))
-            .collect();
-        let c = c.clone();
-        async move { c.load(1, assignments, cfg.startup_timeout).await }
-    });
-    for r in futures::future::join_all(loads).await {
-        r.context("loading experts on a worker")?;
-    }
-    let index: HashMap<String, usize> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.addr().to_owned(), i))
-        .collect();
-    let backend = RemoteBackend::new(
-        clients,
-        spec.hidden_size,
-        tokio::runtime::Handle::current(),
-        cfg.dispatch.clone(),
-        metrics.clone(),
-    );
-    backend.set_routes(&placement, &index);
-    Ok(backend)
 }
 
 /// The gRPC address this router records in etcd: `--advertise`, or what the bound
@@ -282,6 +181,7 @@ pub async fn run_router(
     metrics.max_waiting.set(cfg.engine.max_waiting as i64);
     let mut extra_registries = Vec::new();
     let mut cluster_view = None;
+    let mut static_view = None;
     let all_experts = expert_keys(&spec);
     let (backend, placement_source, ready_source): (
         Arc<dyn ExpertBackend>,
@@ -342,7 +242,9 @@ pub async fn run_router(
             )
         }
         ExpertSource::Remote { .. } => {
-            let backend = Arc::new(place_remote(&cfg, &spec, &metrics).await?);
+            let (backend, seen) =
+                crate::static_control::start(&cfg, &spec, &metrics, shutdown.child_token()).await?;
+            static_view = Some(seen);
             let view = backend.clone();
             let ready = readiness::Source::Remote {
                 backend: backend.clone(),
@@ -479,6 +381,7 @@ pub async fn run_router(
         readiness: readiness.clone(),
         placement: placement_source,
         cluster: cluster_view,
+        static_workers: static_view,
         created: crate::http::unix_now(),
         api_keys: cfg.api_keys.clone(),
         limits: cfg.limits.http.clone(),

@@ -49,8 +49,9 @@ const SNAPSHOT_JS: &str = r#"JSON.stringify((() => {
   };
 })())"#;
 
-/// The page's state rules on a fixture: draining, routed, loading, registered but not
-/// placed, placed but not registered, and vanished since the previous refresh.
+/// The page's state rules on fixtures. With etcd: draining, routed, loading, registered
+/// but not placed, placed but not registered, and vanished since the previous refresh.
+/// Static (`--workers`): routed, silent, loading, answering but not placed.
 const RULES_JS: &str = r#"JSON.stringify((() => {
   const c = { devices: [
       { worker: "a", device: "cpu:0", experts: [[1, 0]], tokens: 1 },
@@ -62,7 +63,17 @@ const RULES_JS: &str = r#"JSON.stringify((() => {
       { id: "d", address: "D", devices: ["cpu:0"], draining: false, routed: false } ],
       loading: { devices: [{ worker: "c", device: "cpu:0", experts: [] }] }, routers: [] } };
   const prev = [{ id: "f", address: "F", devices: [], state: "ready", detail: "" }];
-  return Object.fromEntries(MoeStatus.workerStates(c, prev).map(w => [w.id, w.state]));
+  const fixed = { devices: [
+      { worker: "p", device: "cpu:0", experts: [[1, 0]], tokens: 1 },
+      { worker: "q", device: "cpu:0", experts: [[1, 1]], tokens: 1 } ],
+    static_workers: [
+      { address: "p", answering: true, routed: true, hosted: 1, assigned: 1 },
+      { address: "q", answering: false, routed: true, hosted: null, assigned: 1 },
+      { address: "r", answering: true, routed: false, hosted: 0, assigned: 1 },
+      { address: "s", answering: true, routed: false, hosted: 0, assigned: 0 } ] };
+  const states = s => Object.fromEntries(s.map(w => [w.id, w.state]));
+  return { etcd: states(MoeStatus.workerStates(c, prev)),
+           static: states(MoeStatus.workerStates(fixed, [])) };
 })())"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +142,10 @@ async fn the_status_page_shows_the_cluster_and_a_killed_worker_goes_down() {
     let rules = page.eval_json(RULES_JS);
     assert_eq!(
         rules,
-        json!({"a": "ready", "b": "draining", "c": "joining", "d": "joining", "e": "down", "f": "down"})
+        json!({
+            "etcd": {"a": "ready", "b": "draining", "c": "joining", "d": "joining", "e": "down", "f": "down"},
+            "static": {"p": "ready", "q": "down", "r": "joining", "s": "joining"},
+        })
     );
     let artifacts = artifacts_dir();
     page.screenshot(&artifacts.join("status-page.png"));

@@ -33,7 +33,6 @@ pub mod responses;
 pub mod server;
 mod status_page;
 
-
 /// State of the HTTP handlers.
 #[derive(Clone)]
 pub struct HttpState {
@@ -48,6 +47,8 @@ pub struct HttpState {
     pub placement: crate::cluster_status::PlacementSource,
     /// Membership, controller and routers, with `--etcd`.
     pub cluster: Option<Arc<crate::elastic::ClusterView>>,
+    /// Without etcd: what the router's own healer saw of the `--workers`.
+    pub static_workers: Option<Arc<crate::static_control::StaticView>>,
     /// When the router started (Unix seconds): the models' `created`.
     pub created: u64,
     /// Keys `/v1/*` requires (empty: open).
@@ -154,6 +155,9 @@ async fn cluster(State(s): State<HttpState>) -> Json<Value> {
     let mut v = crate::cluster_status::status(&(s.placement)(), &s.api.spec, &s.api.metrics);
     if let Some(view) = &s.cluster {
         v["membership"] = view.to_json();
+    }
+    if let Some(view) = &s.static_workers {
+        v["static_workers"] = view.to_json();
     }
     Json(v)
 }
