@@ -2,6 +2,7 @@
 //! flags into a typed config and calls the libraries.
 
 mod bench_engine;
+mod bench_proxy;
 mod bench_serve;
 mod cert_cmd;
 mod check_config;
@@ -78,6 +79,9 @@ enum BenchCommand {
     Engine(bench_engine::BenchEngineArgs),
     /// Load-test a running router over gRPC: throughput, TTFT, inter-token and end-to-end latency.
     Serve(bench_serve::BenchServeArgs),
+    /// A TCP proxy that adds a one-way delay (and optionally a bandwidth cap), to put an
+    /// emulated network between a router and its workers.
+    Proxy(bench_proxy::BenchProxyArgs),
 }
 
 fn main() {
@@ -107,6 +111,7 @@ fn main() {
         Command::Bench { command } => match command {
             BenchCommand::Engine(args) => bench_engine::run(args),
             BenchCommand::Serve(args) => bench_serve::run(args),
+            BenchCommand::Proxy(args) => bench_proxy::run(args),
         },
     };
     if let Err(e) = result {

@@ -94,6 +94,15 @@ pub struct ServeArgs {
     /// experts exists, in milliseconds.
     #[arg(long, env = "MOE_MARK_DOWN_MS", default_value_t = 5_000)]
     mark_down_ms: u64,
+    /// Overlap expert dispatch with computation (router with workers): shared experts,
+    /// and the other half of a step split in two micro-batches, are computed while a
+    /// layer's rows are on the workers. `false`: every layer waits for its round trip.
+    #[arg(long, env = "MOE_OVERLAP", default_value_t = true, action = clap::ArgAction::Set)]
+    overlap: bool,
+    /// Element type of rows sent to workers and of their answers: `f32` (exact: greedy
+    /// tokens match `moe generate`) or `bf16` (half the bytes, rounded).
+    #[arg(long, env = "MOE_DISPATCH_DTYPE", default_value = "f32", value_parser = ["f32", "bf16"])]
+    dispatch_dtype: String,
     /// How long workers may take to appear and load experts, in seconds.
     #[arg(long, env = "MOE_STARTUP_TIMEOUT_SECS", default_value_t = 120)]
     startup_timeout_secs: u64,
@@ -203,6 +212,8 @@ fn check_config(a: &ServeArgs, cfg: &RouterConfig, mode: Mode) -> anyhow::Result
         "dispatch_timeout_ms": cfg.dispatch.deadline.as_millis() as u64,
         "dispatch_retries": cfg.dispatch.max_retries,
         "mark_down_ms": cfg.dispatch.mark_down_for.as_millis() as u64,
+        "overlap": cfg.dispatch.overlap,
+        "dispatch_dtype": a.dispatch_dtype,
         "startup_timeout_secs": cfg.startup_timeout.as_secs(),
         "drain_timeout_secs": cfg.drain_timeout.as_secs(),
         "served_model_names": if !cfg.served_model_names.is_empty() {
@@ -220,6 +231,9 @@ fn check_config(a: &ServeArgs, cfg: &RouterConfig, mode: Mode) -> anyhow::Result
         },
         "metrics_expert_detail": cfg.metrics_expert_detail,
         "limits": crate::limit_flags::to_json(&cfg.limits),
+        // Router-worker traffic (mutual TLS) and the client ports (TLS), each on or off.
+        "mutual_tls": cfg.dispatch.worker_tls.is_some(),
+        "api_tls": cfg.api_tls.is_some(),
     }))
 }
 
@@ -379,6 +393,12 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
             retry_backoff: Duration::from_millis(50),
             mark_down_for: Duration::from_millis(a.mark_down_ms),
             worker_tls: worker_tls.as_ref().map(|(_, c)| c.clone()),
+            overlap: a.overlap,
+            dtype: if a.dispatch_dtype == "bf16" {
+                moe_proto::rows::RowDtype::Bf16
+            } else {
+                moe_proto::rows::RowDtype::F32
+            },
             ..DispatchConfig::default()
         },
         replicas: a.expert_replicas,

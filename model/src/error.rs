@@ -42,5 +42,5 @@ pub enum ModelError {
     StepFailed(String),
     /// The expert backend could not compute a MoE layer (e.g. a worker is gone).
     #[error(transparent)]
-    Expert(#[from] crate::experts::ExpertError),
+    Expert(#[from] crate::expert_backend::ExpertError),
 }

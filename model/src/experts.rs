@@ -1,8 +1,6 @@
 //! The expert feed-forward network (SwiGLU: `down(silu(gate(x)) * up(x))`), written once
-//! for routed experts, shared experts and dense layers, and the [`ExpertBackend`] seam:
-//! the model hands a MoE layer's rows with their top-k expert ids and weights to a
-//! backend and gets back the weighted sums. [`LocalExperts`] is the in-process backend;
-//! the router plugs a remote one (workers over gRPC) into the same trait.
+//! for routed experts, shared experts and dense layers, and [`LocalExperts`], the
+//! in-process [`ExpertBackend`] (the seam itself is in [`crate::expert_backend`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -13,71 +11,7 @@ use crate::config::ModelSpec;
 use crate::error::ModelError;
 use crate::linalg::{silu, Linear, WeightDtype};
 
-/// An expert slot that is not to be computed (a worker given part of a row's experts).
-pub const NO_EXPERT: u32 = u32::MAX;
-
-/// Why a MoE layer could not be computed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ExpertError {
-    #[error("expert {expert} of layer {layer} is not hosted here")]
-    NotHosted { layer: usize, expert: u32 },
-    /// The request itself is malformed (sizes disagree).
-    #[error("invalid expert request: {0}")]
-    Invalid(String),
-    /// No live copy of some experts could be reached.
-    #[error("experts unavailable: {0}")]
-    Unavailable(String),
-}
-
-/// One MoE layer's work for a step: `rows` is `[n, hidden]`, `expert_ids` and `weights`
-/// are `[n, top_k]`.
-#[derive(Debug, Clone, Copy)]
-pub struct MoeRequest<'a> {
-    pub layer: usize,
-    pub hidden: usize,
-    pub top_k: usize,
-    pub rows: &'a [f32],
-    pub expert_ids: &'a [u32],
-    pub weights: &'a [f32],
-}
-
-impl MoeRequest<'_> {
-    pub fn num_rows(&self) -> usize {
-        self.rows.len().checked_div(self.hidden).unwrap_or(0)
-    }
-
-    /// Checks that the sizes agree, so a backend never indexes out of bounds.
-    pub fn validate(&self) -> Result<(), ExpertError> {
-        if self.hidden == 0 || !self.rows.len().is_multiple_of(self.hidden) {
-            return Err(ExpertError::Invalid(format!(
-                "{} values are not a whole number of rows of width {}",
-                self.rows.len(),
-                self.hidden
-            )));
-        }
-        let n = self.rows.len() / self.hidden;
-        if self.expert_ids.len() != n * self.top_k || self.weights.len() != n * self.top_k {
-            return Err(ExpertError::Invalid(format!(
-                "{n} rows with top_k {} need {} expert ids and weights, got {} and {}",
-                self.top_k,
-                n * self.top_k,
-                self.expert_ids.len(),
-                self.weights.len()
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Computes MoE layers: returns `[n, hidden]`, row i = Σ_k weights[i,k] · FFN_{ids[i,k]}(rows[i]).
-pub trait ExpertBackend: Send + Sync {
-    fn forward(&self, req: &MoeRequest<'_>) -> Result<Vec<f32>, ExpertError>;
-
-    /// Called by the engine before each step with the W3C `traceparent` values of the
-    /// step's requests that sent one; a remote backend passes them to the workers with
-    /// every dispatch of the step. In-process backends ignore them.
-    fn begin_step(&self, _traceparents: &[String]) {}
-}
+pub use crate::expert_backend::{ExpertBackend, ExpertError, MoeRequest, NO_EXPERT};
 
 /// A SwiGLU feed-forward block with gate and up fused into one matrix.
 pub struct Ffn {

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod demo_tokenizer;
 pub mod error;
+pub mod expert_backend;
 pub mod experts;
 pub mod kv_cache;
 pub mod linalg;
@@ -28,7 +29,8 @@ pub mod tokenizer;
 
 pub use config::{Arch, ModelSpec};
 pub use error::ModelError;
-pub use experts::{ExpertBackend, ExpertError, LocalExperts, MoeRequest};
+pub use expert_backend::{ExpertBackend, ExpertError, MoeBatch, MoeRequest, Pending};
+pub use experts::LocalExperts;
 pub use kv_cache::{KvPool, SeqCache};
 pub use linalg::WeightDtype;
 pub use model::{Model, StepSeq};

@@ -16,11 +16,14 @@ use crate::config::{
     Arch, AttentionSpec, FfnKind, ModelSpec, QkNorm, RoutingSpec, SharedExpertSpec,
 };
 use crate::error::ModelError;
-use crate::experts::{ExpertBackend, Ffn, MoeRequest};
+use crate::expert_backend::ExpertBackend;
+use crate::experts::Ffn;
 use crate::kv_cache::SeqCache;
-use crate::linalg::{rms_norm_rows, sigmoid, Linear, WeightDtype};
+use crate::linalg::{rms_norm_rows, Linear, WeightDtype};
 use crate::rope::Rope;
 use crate::routing::Gate;
+
+mod step;
 
 /// A progress bar over `bytes` for loading; hidden for small loads and when stderr is
 /// not a terminal (indicatif's own rule).
@@ -291,55 +294,48 @@ impl Model {
         {
             self.embed.row(*tok as usize, row);
         }
-        let mut caches: Vec<&mut SeqCache> = batch.iter_mut().map(|s| &mut *s.cache).collect();
-        for (li, layer) in self.layers.iter().enumerate() {
-            let mut hs = x.clone();
-            rms_norm_rows(&mut hs, &layer.input_norm, self.spec.rms_norm_eps);
-            let a = layer.attn.forward(
-                li,
-                &hs,
-                &spans,
-                &mut caches,
-                &self.rope,
-                self.spec.softmax_scale,
-            );
-            add_into(&mut x, &a);
-            let mut hs = x.clone();
-            rms_norm_rows(&mut hs, &layer.post_norm, self.spec.rms_norm_eps);
-            let f = match &layer.ffn {
-                LayerFfn::Dense(ffn) => ffn.forward(&hs, t_total),
-                LayerFfn::Moe { gate, shared } => {
-                    let (ids, weights) = gate.route(&hs, t_total);
-                    let req = MoeRequest {
-                        layer: li,
-                        hidden: h,
-                        top_k: self.spec.moe.top_k,
-                        rows: &hs,
-                        expert_ids: &ids,
-                        weights: &weights,
-                    };
-                    let mut y = experts.forward(&req)?;
-                    if let Some(se) = shared {
-                        let s = se.ffn.forward(&hs, t_total);
-                        match &se.gate {
-                            Some(g) => {
-                                let gv = g.forward(&hs, t_total);
-                                for (t, (yr, sr)) in
-                                    y.chunks_exact_mut(h).zip(s.chunks_exact(h)).enumerate()
-                                {
-                                    let w = sigmoid(gv[t]);
-                                    for (a, b) in yr.iter_mut().zip(sr) {
-                                        *a += w * b;
-                                    }
-                                }
-                            }
-                            None => add_into(&mut y, &s),
-                        }
-                    }
-                    y
-                }
-            };
-            add_into(&mut x, &f);
+        let caches: Vec<&mut SeqCache> = batch.iter_mut().map(|s| &mut *s.cache).collect();
+        // One micro-batch, or two (whole sequences each) where the backend overlaps.
+        let split = match experts.micro_batches(spans.len(), t_total) {
+            n if n >= 2 => step::split_point(&spans),
+            _ => None,
+        };
+        let mut micros = match split {
+            None => vec![step::Micro {
+                x,
+                spans: spans.clone(),
+                caches,
+            }],
+            Some(at) => {
+                let mut caches = caches;
+                let b_caches = caches.split_off(at);
+                let b0 = spans[at].start;
+                let b_spans = spans[at..]
+                    .iter()
+                    .map(|s| SeqSpan {
+                        start: s.start - b0,
+                        ..*s
+                    })
+                    .collect();
+                let b_x = x.split_off(b0 * h);
+                vec![
+                    step::Micro {
+                        x,
+                        spans: spans[..at].to_vec(),
+                        caches,
+                    },
+                    step::Micro {
+                        x: b_x,
+                        spans: b_spans,
+                        caches: b_caches,
+                    },
+                ]
+            }
+        };
+        self.run_layers(&mut micros, experts)?;
+        let mut x = Vec::with_capacity(t_total * h);
+        for m in micros {
+            x.extend_from_slice(&m.x);
         }
         for s in batch.iter_mut() {
             s.cache.advance(s.tokens.len());

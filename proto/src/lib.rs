@@ -18,6 +18,7 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/moe_descriptor.bin"));
 
+pub mod rows;
 pub mod traceparent;
 
 /// Sentinel expert id for a slot a worker must skip (`expert_ids` in `DispatchRequest`).

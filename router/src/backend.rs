@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use moe_control::PlacementPlan;
 use moe_model::experts::NO_EXPERT;
-use moe_model::{ExpertBackend, ExpertError, MoeRequest};
+use moe_model::{ExpertBackend, ExpertError, MoeBatch, MoeRequest, Pending};
+use moe_proto::rows::{decode_rows, encode_rows, RowDtype};
 use moe_proto::traceparent::MAX_TRACEPARENTS_PER_DISPATCH;
-use moe_proto::v1::{DType, DispatchRequest};
+use moe_proto::v1::DispatchRequest;
+use std::future::Future;
 use tokio::runtime::Handle;
 
 use crate::metrics::RouterMetrics;
@@ -39,6 +41,13 @@ pub struct DispatchConfig {
     /// gRPC message limit of dispatch streams, each way: the largest step's dispatch
     /// (`--max-batch-tokens` rows), set by [`crate::run_router`] once the model is known.
     pub max_message_bytes: usize,
+    /// Element type of rows on the wire (`--dispatch-dtype`): f32 (exact) or bf16 (half
+    /// the bytes; results come back in the same type).
+    pub dtype: RowDtype,
+    /// Overlap dispatches with computation (`--overlap`): a MoE layer's rows go out and
+    /// the engine computes shared experts, and the other micro-batch's attention, while
+    /// they are away; steps of two or more sequences run as two micro-batches.
+    pub overlap: bool,
 }
 
 impl std::fmt::Debug for DispatchConfig {
@@ -50,6 +59,8 @@ impl std::fmt::Debug for DispatchConfig {
             .field("mark_down_for", &self.mark_down_for)
             .field("worker_mutual_tls", &self.worker_tls.is_some())
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("dtype", &self.dtype)
+            .field("overlap", &self.overlap)
             .finish()
     }
 }
@@ -63,6 +74,8 @@ impl Default for DispatchConfig {
             mark_down_for: Duration::from_secs(5),
             worker_tls: None,
             max_message_bytes: 256 << 20,
+            dtype: RowDtype::F32,
+            overlap: true,
         }
     }
 }
@@ -225,14 +238,6 @@ struct Part {
     weights: Vec<f32>,
 }
 
-fn to_le_bytes(v: &[f32]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(v.len() * 4);
-    for x in v {
-        b.extend_from_slice(&x.to_le_bytes());
-    }
-    b
-}
-
 impl RemoteBackend {
     pub fn new(
         workers: Vec<Arc<WorkerClient>>,
@@ -323,7 +328,7 @@ impl RemoteBackend {
     }
 
     /// Forgets that `worker` failed (it answered again).
-    fn mark_up(&self, worker: usize) {
+    pub(crate) fn mark_up(&self, worker: usize) {
         if let Ok(mut d) = self.down_until.lock() {
             d.remove(&worker);
         }
@@ -584,8 +589,8 @@ impl RemoteBackend {
             layer: req.layer as u32,
             num_rows: part.rows.len() as u32,
             hidden_size: h as u32,
-            dtype: DType::DtypeF32 as i32,
-            rows: to_le_bytes(&rows),
+            dtype: self.cfg.dtype.to_wire() as i32,
+            rows: encode_rows(&rows, self.cfg.dtype),
             top_k: req.top_k as u32,
             expert_ids: part.ids.clone(),
             expert_weights: part.weights.clone(),
@@ -623,19 +628,19 @@ impl RemoteBackend {
                 _ => ExpertError::Unavailable(what),
             });
         }
-        if resp.dtype != DType::DtypeF32 as i32 || resp.output.len() != part.rows.len() * h * 4 {
-            return Err(ExpertError::Unavailable(format!(
-                "worker {} answered {} bytes for {} rows",
+        let dtype = RowDtype::from_wire(resp.dtype);
+        match dtype {
+            Some(d) if resp.output.len() == part.rows.len() * h * d.size() => {
+                Ok(decode_rows(&resp.output, d))
+            }
+            _ => Err(ExpertError::Unavailable(format!(
+                "worker {} answered {} bytes of dtype {} for {} rows",
                 worker.addr(),
                 resp.output.len(),
+                resp.dtype,
                 part.rows.len()
-            )));
+            ))),
         }
-        Ok(resp
-            .output
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
     }
 
     async fn dispatch(&self, req: &MoeRequest<'_>) -> Result<Vec<f32>, ExpertError> {
@@ -754,6 +759,41 @@ impl ExpertBackend for RemoteBackend {
         req.validate()?;
         count_expert_tokens(&self.metrics, req);
         self.rt.block_on(self.dispatch(req))
+    }
+
+    /// Sends the layer's rows now and returns; the answer is awaited by
+    /// [`Pending::wait`]. The dispatch future is polled once here, inside the runtime,
+    /// which puts its messages on the workers' streams; `wait` drives it to the end.
+    fn submit(&self, batch: MoeBatch) -> Pending<'_> {
+        if !self.cfg.overlap {
+            return Pending::done(self.forward(&batch.as_request()));
+        }
+        if let Err(e) = batch.as_request().validate() {
+            return Pending::done(Err(e));
+        }
+        count_expert_tokens(&self.metrics, &batch.as_request());
+        let mut call = Box::pin(async move {
+            let req = batch.as_request();
+            self.dispatch(&req).await
+        });
+        let first = {
+            let _in_runtime = self.rt.enter();
+            let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+            call.as_mut().poll(&mut cx)
+        };
+        match first {
+            std::task::Poll::Ready(r) => Pending::done(r),
+            std::task::Poll::Pending => Pending::later(move || self.rt.block_on(call)),
+        }
+    }
+
+    fn micro_batches(&self, seqs: usize, _tokens: usize) -> usize {
+        if self.cfg.overlap && seqs >= 2 {
+            self.metrics.split_steps.inc();
+            2
+        } else {
+            1
+        }
     }
 
     fn begin_step(&self, traceparents: &[String]) {

@@ -34,6 +34,7 @@ pub const CONTROLLER_LEADER: &str = "moe_controller_is_leader";
 pub const LEADER_CHANGES: &str = "moe_controller_leader_changes_total";
 pub const ETCD_CONNECTED: &str = "moe_etcd_connected";
 pub const PLACEMENTS_PUBLISHED: &str = "moe_placements_published_total";
+pub const SPLIT_STEPS: &str = "moe_split_steps_total";
 pub const READY: &str = "moe_router_ready";
 pub const FINISHED: &str = "moe_requests_finished_total";
 pub const STEP_TOKENS: &str = "moe_engine_step_tokens";
@@ -102,6 +103,7 @@ pub struct RouterMetrics {
     pub leader_changes: IntCounter,
     pub etcd_connected: IntGauge,
     pub placements_published: IntCounter,
+    pub split_steps: IntCounter,
     pub ready: IntGauge,
 }
 
@@ -182,7 +184,8 @@ impl RouterMetrics {
             controller_leader: reg(&r, int_gauge(CONTROLLER_LEADER, "1 while this router is the elected placement controller.")),
             leader_changes: reg(&r, counter(LEADER_CHANGES, "Times this router saw a new placement controller elected (itself or another).")),
             etcd_connected: reg(&r, int_gauge(ETCD_CONNECTED, "1 while this router's membership watch is connected to etcd (serving continues on the last view when 0).")),
-            placements_published: reg(&r, counter(PLACEMENTS_PUBLISHED, "Placements this router published as controller.")),
+            placements_published: reg(&r, counter(PLACEMENTS_PUBLISHED, "Placements this router published as controller (with etcd), or re-placed on its static workers.")),
+            split_steps: reg(&r, counter(SPLIT_STEPS, "Engine steps run as two micro-batches, so that one's expert dispatch overlaps the other's attention (--overlap).")),
             ready: reg(&r, int_gauge(READY, "1 while this router can serve: not draining, and every routed expert has a copy on a live worker (its readiness probe).")),
             registry: r,
         };

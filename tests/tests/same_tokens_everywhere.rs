@@ -9,8 +9,8 @@ use std::path::Path;
 
 use moe_proto::v1::FinishReason;
 use moe_tests::{
-    assert_same_tokens, generate, generate_offline, streamed_tokens, tiny_checkpoint, GreedyReq,
-    Proc,
+    assert_same_tokens, generate, generate_offline, metric_value, metrics, streamed_tokens,
+    tiny_checkpoint, GreedyReq, Proc,
 };
 
 const MAX_TOKENS: u32 = 12;
@@ -70,15 +70,60 @@ async fn router_with_two_workers_matches_offline_generate() {
     let b = Proc::worker(&model, "cpu:0,cpu:1", &[]);
     let r = Proc::router(&model, &[&a, &b], &[]);
     check_against_offline("router + 2 workers", &model, r.grpc).await;
+    // Overlap is on by default: concurrent requests made steps of two micro-batches.
+    let split = metric_value(&metrics(r.http), "moe_split_steps_total").unwrap_or(0.0);
+    assert!(split > 0.0, "no step was split into micro-batches");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn router_with_three_uneven_workers_matches_offline_generate() {
+async fn router_without_overlap_matches_offline_generate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = tiny_checkpoint(dir.path(), 11);
-    let a = Proc::worker(&model, "cpu:0", &[]);
-    let b = Proc::worker(&model, "cpu:0,cpu:1", &[]);
-    let c = Proc::worker(&model, "cpu:0", &[]);
-    let r = Proc::router(&model, &[&a, &b, &c], &[]);
-    check_against_offline("router + 3 uneven workers", &model, r.grpc).await;
+    let a = Proc::worker(&model, "cpu:0,cpu:1", &[]);
+    let b = Proc::worker(&model, "cpu:0", &[]);
+    let r = Proc::router(&model, &[&a, &b], &["--overlap", "false"]);
+    check_against_offline("router + 2 workers, --overlap false", &model, r.grpc).await;
+    let split = metric_value(&metrics(r.http), "moe_split_steps_total").unwrap_or(0.0);
+    assert_eq!(split, 0.0, "--overlap false split steps");
+}
+
+/// bf16 rows on the wire: the requests are served to the end (the tokens may drift from
+/// f32's; docs/benchmarks.md measures by how much), with about half the bytes sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_with_bf16_dispatch_serves_with_fewer_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_checkpoint(dir.path(), 11);
+    let reqs = requests();
+    let mut sent = Vec::new();
+    for dtype in ["f32", "bf16"] {
+        let w = Proc::worker(&model, "cpu:0", &[]);
+        // One request at a time: both runs make the same steps.
+        let r = Proc::router(&model, &[&w], &["--dispatch-dtype", dtype]);
+        for (i, q) in reqs.iter().enumerate() {
+            let msgs = generate(r.grpc, q.to_proto())
+                .await
+                .unwrap_or_else(|s| panic!("{dtype} request {i} failed: {s:?}"));
+            assert_eq!(
+                streamed_tokens(&msgs).len(),
+                MAX_TOKENS as usize,
+                "{dtype} request {i}"
+            );
+        }
+        let text = metrics(r.http);
+        let bytes: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("moe_dispatch_bytes_total{") && l.contains("direction=\"sent\"")
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        assert!(bytes > 0.0, "{text}");
+        sent.push(bytes);
+    }
+    assert!(
+        sent[1] < 0.75 * sent[0],
+        "bf16 sent {} bytes, f32 {}",
+        sent[1],
+        sent[0]
+    );
 }

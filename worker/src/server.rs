@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use moe_model::ExpertError;
 use moe_proto::traceparent::{TraceParent, MAX_TRACEPARENTS_PER_DISPATCH};
 use moe_proto::v1::expert_service_server::{ExpertService, ExpertServiceServer};
@@ -221,7 +222,9 @@ pub(crate) async fn handle_dispatch(
         layer = req.layer,
         traceparents = ?traces
     );
-    handle_dispatch_in_span(node, req, max_rows).instrument(span).await
+    handle_dispatch_in_span(node, req, max_rows)
+        .instrument(span)
+        .await
 }
 
 async fn handle_dispatch_in_span(
@@ -272,7 +275,13 @@ async fn handle_dispatch_in_span(
     }
 }
 
-/// Serves one dispatch stream until the client closes it, goes away, or shutdown.
+/// Dispatch messages of one stream handled at once: a router with overlap has two
+/// micro-batches' layers in flight on a stream; answers go back as each finishes, and
+/// the router matches them by `request_id`.
+pub const MAX_IN_FLIGHT_PER_STREAM: usize = 4;
+
+/// Serves one dispatch stream until the client closes it, goes away, or shutdown; up to
+/// [`MAX_IN_FLIGHT_PER_STREAM`] of its messages at once.
 async fn run_dispatch_stream(
     node: Node,
     mut inbound: Streaming<DispatchRequest>,
@@ -280,31 +289,37 @@ async fn run_dispatch_stream(
     shutdown: CancellationToken,
     max_rows: usize,
 ) {
+    let mut running = FuturesUnordered::new();
+    let mut inbound_open = true;
     loop {
-        let next = tokio::select! {
+        tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
                 let _ = tx.send(Err(Status::unavailable("the worker is shutting down"))).await;
                 return;
             }
             _ = tx.closed() => return,
-            next = inbound.message() => next,
-        };
-        let req = match next {
-            Ok(Some(req)) => req,
-            Ok(None) => return,
-            Err(status) => {
-                // The client went away, or sent what cannot be read (a message over the
-                // size limit: OUT_OF_RANGE): say so, if anyone still listens.
-                tracing::debug!(%status, "dispatch stream ended");
-                let _ = tx.send(Err(status)).await;
-                return;
+            Some(resp) = running.next(), if !running.is_empty() => {
+                if tx.send(Ok(resp)).await.is_err() {
+                    // The client left: nothing holds state for it, so just stop.
+                    return;
+                }
             }
-        };
-        let resp = handle_dispatch(&node, req, max_rows).await;
-        if tx.send(Ok(resp)).await.is_err() {
-            // The client left: nothing holds state for it, so just stop.
-            return;
+            next = inbound.message(), if inbound_open && running.len() < MAX_IN_FLIGHT_PER_STREAM => {
+                match next {
+                    Ok(Some(req)) => running.push(handle_dispatch(&node, req, max_rows)),
+                    Ok(None) => inbound_open = false,
+                    Err(status) => {
+                        // The client went away, or sent what cannot be read (a message
+                        // over the size limit: OUT_OF_RANGE): say so, if anyone listens.
+                        tracing::debug!(%status, "dispatch stream ended");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+            // The client closed its side and every answer is sent.
+            else => return,
         }
     }
 }

@@ -6,9 +6,7 @@
 
 use moe_model::experts::NO_EXPERT;
 use moe_model::ModelSpec;
-use moe_proto::v1::{
-    DType, DeviceAssignment, DeviceInfo, DispatchRequest, ExpertRef, InfoResponse,
-};
+use moe_proto::v1::{DeviceAssignment, DeviceInfo, DispatchRequest, ExpertRef, InfoResponse};
 
 use crate::node::NodeInfo;
 
@@ -25,66 +23,7 @@ fn field_err(field: &'static str, reason: String) -> FieldError {
     FieldError { field, reason }
 }
 
-/// Element type of packed rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowDtype {
-    F32,
-    Bf16,
-}
-
-impl RowDtype {
-    /// Parses the wire enum; `None` for unspecified or unknown values.
-    pub fn from_wire(v: i32) -> Option<RowDtype> {
-        match DType::try_from(v) {
-            Ok(DType::DtypeF32) => Some(RowDtype::F32),
-            Ok(DType::DtypeBf16) => Some(RowDtype::Bf16),
-            _ => None,
-        }
-    }
-
-    pub fn to_wire(self) -> DType {
-        match self {
-            RowDtype::F32 => DType::DtypeF32,
-            RowDtype::Bf16 => DType::DtypeBf16,
-        }
-    }
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            RowDtype::F32 => 4,
-            RowDtype::Bf16 => 2,
-        }
-    }
-}
-
-/// Unpacks little-endian elements (whole elements only; callers check the length).
-pub fn decode_rows(bytes: &[u8], dtype: RowDtype) -> Vec<f32> {
-    match dtype {
-        RowDtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        RowDtype::Bf16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-    }
-}
-
-/// Packs values as little-endian elements (bf16 rounds to nearest even).
-pub fn encode_rows(values: &[f32], dtype: RowDtype) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * dtype.size());
-    match dtype {
-        RowDtype::F32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        RowDtype::Bf16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
-    }
-    out
-}
+pub use moe_proto::rows::{decode_rows, encode_rows, RowDtype};
 
 /// Default of `--max-dispatch-rows`: the most rows one dispatch may carry. A router sends
 /// a worker at most one engine step's tokens per dispatch (its `--max-batch-tokens`,
@@ -269,6 +208,7 @@ mod tests {
     use super::*;
     use moe_model::tiny::{config_json, Size, StoreDtype};
     use moe_model::Arch;
+    use moe_proto::v1::DType;
 
     fn spec() -> ModelSpec {
         ModelSpec::from_json(&config_json(Arch::Mixtral, Size::Tiny, StoreDtype::F32).to_string())
