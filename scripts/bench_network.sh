@@ -8,10 +8,11 @@
 #   scripts/bench_network.sh [CHECKPOINT_DIR]   (default: writes the Mixtral-shaped bench
 #                                                checkpoint to /tmp/moe-bench-mixtral)
 # Env: CONCURRENCY="1 32" DELAYS_US="0 100 500 1000" OVERLAP="false true"
-#      PROMPT=32 MAX_TOKENS=128 REQUESTS_PER_CLIENT=2 DISPATCH_DTYPE=f32 PROFILE=release
+#      PROMPT=32 MAX_TOKENS=128 REQUESTS_PER_CLIENT=2 DISPATCH_DTYPE=f32 PROFILE=dev
+# (the dev profile of this workspace is optimised; see Cargo.toml)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PROFILE="${PROFILE:-release}"
+PROFILE="${PROFILE:-dev}"
 cargo build -q --profile "$PROFILE" -p moe-cli
 case "$PROFILE" in dev) MOE=target/debug/moe ;; *) MOE="target/$PROFILE/moe" ;; esac
 CKPT="${1:-/tmp/moe-bench-mixtral}"
@@ -32,6 +33,21 @@ cleanup() {
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
+
+# Sum and count of a histogram over all its series, from a /metrics page: "SUM COUNT".
+hist() {
+  python3 - "$1" "$2" <<'EOF'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=10).read().decode()
+name = sys.argv[2]
+total = {"sum": 0.0, "count": 0.0}
+for line in text.splitlines():
+    for k in total:
+        if line.startswith(f"{name}_{k}"):
+            total[k] += float(line.rsplit(" ", 1)[1])
+print(total["sum"], total["count"])
+EOF
+}
 
 # Starts a process in the background and waits for a line matching $2 ("listening
 # grpc=" or "listening proxy="); prints the address after the `=`.
@@ -79,6 +95,8 @@ cleanup
 
 w1=$(start w1 "listening grpc=" "$MOE" worker --model "$CKPT" --devices cpu:0 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --insecure)
 w2=$(start w2 "listening grpc=" "$MOE" worker --model "$CKPT" --devices cpu:0 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --insecure)
+w1http=$(grep -o 'http=[^ ]*' "$LOGS/w1.out" | head -1 | cut -d= -f2)
+w2http=$(grep -o 'http=[^ ]*' "$LOGS/w2.out" | head -1 | cut -d= -f2)
 for d in $DELAYS_US; do
   p1=$(start p1 "listening proxy=" "$MOE" bench proxy --upstream "$w1" --delay-us "$d")
   p2=$(start p2 "listening proxy=" "$MOE" bench proxy --upstream "$w2" --delay-us "$d")
@@ -86,7 +104,20 @@ for d in $DELAYS_US; do
     target=$(start router "listening grpc=" "$MOE" router --model "$CKPT" --workers "$p1,$p2" \
       --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --insecure --max-batch-tokens 4096 \
       --overlap "$o" --dispatch-dtype "$DTYPE")
+    rhttp=$(grep -o 'http=[^ ]*' "$LOGS/router.out" | head -1 | cut -d= -f2)
+    read -r w1s0 w1c0 < <(hist "$w1http" moe_worker_compute_seconds)
+    read -r w2s0 w2c0 < <(hist "$w2http" moe_worker_compute_seconds)
     bench "cluster delay ${d}us overlap $o" "$target"
+    # Router-side round trip of one worker's share of a layer, minus the worker's own
+    # compute: what transport, serialisation and the proxy cost per dispatch.
+    read -r rs rc < <(hist "$rhttp" moe_dispatch_seconds)
+    read -r w1s w1c < <(hist "$w1http" moe_worker_compute_seconds)
+    read -r w2s w2c < <(hist "$w2http" moe_worker_compute_seconds)
+    python3 -c "
+rs, rc = $rs, $rc
+ws, wc = $w1s - $w1s0 + $w2s - $w2s0, $w1c - $w1c0 + $w2c - $w2c0
+print(f'  dispatch: {rc:.0f} round trips, mean {1e6*rs/max(rc,1):.0f} us; worker compute mean {1e6*ws/max(wc,1):.0f} us; overhead {1e6*(rs/max(rc,1)-ws/max(wc,1)):.0f} us per dispatch')
+"
     kill "$(cat "$LOGS/router.pid")"; wait "$(cat "$LOGS/router.pid")" 2>/dev/null || true
     rm -f "$LOGS/router.pid"
   done
