@@ -7,6 +7,8 @@
 //! - [`kv_cache`], [`attention`], [`rope`], [`routing`], [`linalg`]: the blocks.
 //! - [`sampling`], [`stop`], [`tokenizer`]: from logits to text.
 //! - [`tiny`]: writes small random-weight checkpoints in the exact Hugging Face format.
+//! - `fuzzing`: the bodies of the fuzz targets over checkpoint files and tokenizer input
+//!   (`fuzz/`).
 
 pub mod attention;
 pub mod chat_templates;
@@ -15,6 +17,8 @@ pub mod config;
 pub mod demo_tokenizer;
 pub mod error;
 pub mod experts;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kv_cache;
 pub mod linalg;
 pub mod model;
