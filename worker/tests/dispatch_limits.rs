@@ -128,6 +128,7 @@ async fn dispatches_over_the_row_limit_are_refused_before_decoding() {
         top_k: top_k as u32,
         expert_ids: (0..rows * top_k).map(|i| (i % top_k) as u32).collect(),
         expert_weights: vec![1.0 / top_k as f32; rows * top_k],
+        traceparents: Vec::new(),
     };
 
     let mut stream = open(&client).await;
