@@ -18,15 +18,25 @@ fn main() {
         })
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=MOE_GIT_COMMIT={commit}");
-    // A new commit changes HEAD (or the ref it points at).
-    if let Ok(git_dir) = std::process::Command::new("git")
-        .args(["rev-parse", "--git-dir"])
-        .output()
-    {
-        let dir = String::from_utf8_lossy(&git_dir.stdout).trim().to_owned();
-        if !dir.is_empty() {
-            println!("cargo:rerun-if-changed={dir}/HEAD");
-            println!("cargo:rerun-if-changed={dir}/refs/heads");
+    // A new commit changes HEAD (or the ref it points at). In a git worktree HEAD is in
+    // the worktree's own git dir but the branch refs are in the common one. Only paths
+    // that exist are named: cargo reruns this script on every build for a missing one.
+    let git = |arg: &str| {
+        let out = std::process::Command::new("git")
+            .args(["rev-parse", arg])
+            .output()
+            .ok()?;
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !dir.is_empty()).then_some(dir)
+    };
+    let watched = [
+        git("--git-dir").map(|d| format!("{d}/HEAD")),
+        git("--git-common-dir").map(|d| format!("{d}/refs/heads")),
+        git("--git-common-dir").map(|d| format!("{d}/packed-refs")),
+    ];
+    for path in watched.into_iter().flatten() {
+        if std::path::Path::new(&path).exists() {
+            println!("cargo:rerun-if-changed={path}");
         }
     }
 }

@@ -20,10 +20,109 @@ use crate::error::ModelError;
 /// One memory-mapped shard and its parsed header.
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    bytes: ShardBytes,
     /// Bytes before the data section (8-byte length + JSON header).
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
+}
+
+/// The shard list of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Largest `model.safetensors.index.json` read (a 671B-parameter model's is ~9 MB).
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// A shard's bytes: memory-mapped from its file, or held in memory.
+enum ShardBytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for ShardBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ShardBytes::Mapped(m) => m,
+            ShardBytes::Owned(v) => v,
+        }
+    }
+}
+
+impl Shard {
+    /// Reads the header of a safetensors file: its length (capped by `safetensors` at
+    /// 100 MB), the JSON, and every tensor's offsets checked against the data section.
+    fn parse(path: PathBuf, bytes: ShardBytes) -> Result<Shard, ModelError> {
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Checkpoint {
+                path: path.clone(),
+                reason: format!("not a valid safetensors file (truncated or corrupt): {e:?}"),
+            })?;
+        let tensors: HashMap<String, TensorInfo> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        Ok(Shard {
+            path,
+            bytes,
+            data_start: 8 + header_len,
+            tensors,
+        })
+    }
+}
+
+/// The shard file names of `model.safetensors.index.json` (its `weight_map` values),
+/// sorted and deduplicated; each must be a plain file name in the checkpoint folder.
+pub fn shard_names(index_path: &Path, text: &str) -> Result<Vec<String>, ModelError> {
+    let bad = |reason: String| ModelError::Checkpoint {
+        path: index_path.to_path_buf(),
+        reason,
+    };
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut names = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        let Some(file) = file.as_str() else {
+            return Err(bad(format!("`weight_map.{tensor}` is not a file name")));
+        };
+        names.push(file.to_owned());
+    }
+    names.sort();
+    names.dedup();
+    for n in &names {
+        // One normal path component, spelled exactly: not "", ".", "a/b", "/x" or "..".
+        // ("." passed a check for '/' and "..": found by fuzzing.)
+        let one = match Path::new(n).components().collect::<Vec<_>>()[..] {
+            [std::path::Component::Normal(c)] => c == std::ffi::OsStr::new(n),
+            _ => false,
+        };
+        if !one || n.contains('\\') || n.contains("..") {
+            return Err(bad(format!("shard name `{n}` must be a plain file name")));
+        }
+    }
+    Ok(names)
+}
+
+/// Reads a text file of at most `max` bytes (a larger one is an error, not a huge read).
+pub(crate) fn read_capped(path: &Path, max: u64) -> Result<String, ModelError> {
+    use std::io::Read;
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let mut text = String::new();
+    file.take(max + 1).read_to_string(&mut text).map_err(io)?;
+    if text.len() as u64 > max {
+        return Err(ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("larger than {max} bytes: not a checkpoint file"),
+        });
+    }
+    Ok(text)
 }
 
 /// An open checkpoint: a name → shard index over all `*.safetensors` files.
@@ -38,39 +137,13 @@ impl Checkpoint {
     /// Opens every shard of the checkpoint in `dir` and reads their headers.
     /// `fp8_block` is the model's FP8 block size, if it is quantised.
     pub fn open(dir: &Path, fp8_block: Option<(usize, usize)>) -> Result<Checkpoint, ModelError> {
-        let index_path = dir.join("model.safetensors.index.json");
+        let index_path = dir.join(INDEX_FILE);
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::Io {
-                path: index_path.clone(),
-                source: e,
-            })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
-                    path: index_path.clone(),
-                    reason: e.to_string(),
-                })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| ModelError::Checkpoint {
-                    path: index_path.clone(),
-                    reason: "no `weight_map` object".into(),
-                })?;
-            let mut names: Vec<String> = map
-                .values()
-                .filter_map(|f| f.as_str().map(str::to_owned))
-                .collect();
-            names.sort();
-            names.dedup();
-            for n in &names {
-                if n.contains('/') || n.contains("..") {
-                    return Err(ModelError::Checkpoint {
-                        path: index_path.clone(),
-                        reason: format!("shard name `{n}` must be a plain file name"),
-                    });
-                }
-            }
-            names.into_iter().map(|n| dir.join(n)).collect()
+            let text = read_capped(&index_path, MAX_INDEX_BYTES)?;
+            shard_names(&index_path, &text)?
+                .into_iter()
+                .map(|n| dir.join(n))
+                .collect()
         } else {
             let single = dir.join("model.safetensors");
             if !single.exists() {
@@ -84,8 +157,7 @@ impl Checkpoint {
         };
 
         let mut shards = Vec::with_capacity(files.len());
-        let mut index = HashMap::new();
-        for (i, path) in files.into_iter().enumerate() {
+        for path in files {
             let file = File::open(&path).map_err(|e| ModelError::Io {
                 path: path.clone(),
                 source: e,
@@ -96,32 +168,49 @@ impl Checkpoint {
                 path: path.clone(),
                 source: e,
             })?;
-            let (header_len, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::Checkpoint {
-                    path: path.clone(),
-                    reason: format!("not a valid safetensors file (truncated or corrupt): {e:?}"),
-                })?;
-            let tensors: HashMap<String, TensorInfo> = metadata
-                .tensors()
-                .into_iter()
-                .map(|(k, v)| (k, v.clone()))
-                .collect();
-            for name in tensors.keys() {
+            shards.push(Shard::parse(path, ShardBytes::Mapped(mmap))?);
+        }
+        Ok(Checkpoint::from_shards(dir, shards, fp8_block))
+    }
+
+    /// A checkpoint whose shards are held in memory (`(file name, bytes)`), read exactly
+    /// as [`Checkpoint::open`] reads files: for tests and fuzzing of hostile headers.
+    #[doc(hidden)]
+    pub fn from_memory(
+        shards: Vec<(String, Vec<u8>)>,
+        fp8_block: Option<(usize, usize)>,
+    ) -> Result<Checkpoint, ModelError> {
+        let shards = shards
+            .into_iter()
+            .map(|(name, bytes)| Shard::parse(PathBuf::from(name), ShardBytes::Owned(bytes)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Checkpoint::from_shards(Path::new(""), shards, fp8_block))
+    }
+
+    fn from_shards(dir: &Path, shards: Vec<Shard>, fp8_block: Option<(usize, usize)>) -> Self {
+        let mut index = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            for name in shard.tensors.keys() {
                 index.insert(name.clone(), i);
             }
-            shards.push(Arc::new(Shard {
-                path,
-                mmap,
-                data_start: 8 + header_len,
-                tensors,
-            }));
         }
-        Ok(Checkpoint {
+        Checkpoint {
             dir: dir.to_path_buf(),
-            shards,
+            shards: shards.into_iter().map(Arc::new).collect(),
             index,
             fp8_block,
-        })
+        }
+    }
+
+    /// Every tensor's name and stored shape, sorted by name.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut all: Vec<(String, Vec<usize>)> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone())))
+            .collect();
+        all.sort();
+        all
     }
 
     /// The checkpoint directory.
@@ -164,7 +253,7 @@ impl Checkpoint {
             })?;
         let (a, b) = info.data_offsets;
         let bytes = shard
-            .mmap
+            .bytes
             .get(shard.data_start + a..shard.data_start + b)
             .ok_or_else(|| ModelError::Checkpoint {
                 path: shard.path.clone(),
@@ -176,6 +265,13 @@ impl Checkpoint {
     /// Reads tensor `name`, checks it has exactly `shape`, and converts it to f32.
     /// FP8 weights are multiplied by their `<name>_scale_inv` block scales.
     pub fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        self.read_f32(name, shape, true)
+    }
+
+    /// [`Self::tensor_f32`]; `fp8`: whether the tensor may be FP8 (block scales may not:
+    /// an FP8 scale would need scales of its own, a chain a hostile header could make
+    /// as deep as it likes).
+    fn read_f32(&self, name: &str, shape: &[usize], fp8: bool) -> Result<Vec<f32>, ModelError> {
         let (shard, info, bytes) = self.raw(name)?;
         if info.shape != shape {
             return Err(ModelError::Shape {
@@ -185,13 +281,30 @@ impl Checkpoint {
                 actual: info.shape.clone(),
             });
         }
-        let n: usize = shape.iter().product();
         let dtype_err = || ModelError::Dtype {
             name: name.to_owned(),
             path: shard.path.clone(),
             dtype: format!("{:?}", info.dtype),
         };
-        let out: Vec<f32> = match info.dtype {
+        let elem = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::F8_E4M3 if fp8 => 1,
+            _ => return Err(dtype_err()),
+        };
+        // The header was checked against the data, but the values are counted here too,
+        // before any indexing by shape.
+        let n = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
+        if n.and_then(|n| n.checked_mul(elem)) != Some(bytes.len()) {
+            return Err(ModelError::Checkpoint {
+                path: shard.path.clone(),
+                reason: format!(
+                    "tensor `{name}` holds {} bytes, not {shape:?} values of {elem} bytes",
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(match info.dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -204,19 +317,11 @@ impl Checkpoint {
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            Dtype::F8_E4M3 => {
+            _ => {
                 let raw: Vec<f32> = bytes.iter().map(|b| fp8_e4m3_to_f32(*b)).collect();
                 self.dequantise_fp8(name, shape, raw)?
             }
-            _ => return Err(dtype_err()),
-        };
-        if out.len() != n {
-            return Err(ModelError::Checkpoint {
-                path: shard.path.clone(),
-                reason: format!("tensor `{name}` holds {} values, expected {n}", out.len()),
-            });
-        }
-        Ok(out)
+        })
     }
 
     fn dequantise_fp8(
@@ -237,10 +342,16 @@ impl Checkpoint {
                 "tensor `{name}` is FP8 but config.json has no quantization_config.weight_block_size"
             ),
         })?;
+        if br == 0 || bc == 0 {
+            return Err(ModelError::Checkpoint {
+                path: self.dir.join("config.json"),
+                reason: format!("FP8 block size {br}×{bc} must be positive"),
+            });
+        }
         let scale_name = format!("{name}_scale_inv");
         let sr = rows.div_ceil(br);
         let sc = cols.div_ceil(bc);
-        let scales = self.tensor_f32(&scale_name, &[sr, sc])?;
+        let scales = self.read_f32(&scale_name, &[sr, sc], false)?;
         for r in 0..*rows {
             let srow = &scales[(r / br) * sc..(r / br + 1) * sc];
             for (c, v) in w[r * cols..(r + 1) * cols].iter_mut().enumerate() {
@@ -290,6 +401,35 @@ pub fn f32_to_fp8_e4m3(x: f32) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `checkpoint_index` fuzz target: a shard named "." joined to the
+    /// checkpoint folder is the folder itself.
+    #[test]
+    fn shard_names_must_be_plain_file_names() {
+        let path = Path::new("model.safetensors.index.json");
+        let regression =
+            include_str!("../../fuzz/regressions/checkpoint_index/invalid-shard-named-dot.json");
+        let e = shard_names(path, regression).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("shard name `.` must be a plain file name"),
+            "{e}"
+        );
+        for bad in ["", ".", "..", "a/b", "/etc/passwd", "a\\b", "x/.", "./x"] {
+            let text = serde_json::json!({"weight_map": {"t": bad}}).to_string();
+            assert!(shard_names(path, &text).is_err(), "{bad:?} accepted");
+        }
+        let text = r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-2.safetensors"}}"#;
+        assert_eq!(
+            shard_names(path, text).unwrap(),
+            ["m-1.safetensors", "m-2.safetensors"]
+        );
+        let text = r#"{"weight_map": {"a": 3}}"#;
+        assert!(shard_names(path, text)
+            .unwrap_err()
+            .to_string()
+            .contains("weight_map.a"));
+    }
 
     #[test]
     fn fp8_codes_round_trip() {

@@ -185,6 +185,9 @@ pub enum FfnKind {
     Moe,
 }
 
+/// Largest `config.json` read (real ones are a few kilobytes).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// The whole model as data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
@@ -262,10 +265,7 @@ impl ModelSpec {
     /// Reads `<dir>/config.json`.
     pub fn from_dir(dir: &Path) -> Result<ModelSpec, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
-            path: path.clone(),
-            source: e,
-        })?;
+        let text = crate::checkpoint::read_capped(&path, MAX_CONFIG_BYTES)?;
         ModelSpec::from_json(&text).map_err(|e| match e {
             ModelError::Config { reason, .. } => ModelError::Config { path, reason },
             other => other,
@@ -342,8 +342,63 @@ fn need<T>(v: Option<T>, field: &str) -> Result<T, ModelError> {
     v.ok_or_else(|| bad(format!("missing field `{field}`")))
 }
 
+/// Upper bounds on `config.json` sizes, far above any real model's (the largest have a
+/// hidden size of 16 384, 128 layers, 384 experts and a 256 k vocabulary) yet low enough
+/// that what loading allocates from them (per-layer tables, RoPE frequencies, byte
+/// counts) can neither overflow nor exhaust memory. Found by fuzzing: a `head_dim` of
+/// 2^32 made the RoPE table alone 8 GiB.
+const MAX_DIM: usize = 1 << 20;
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_HEADS: usize = 1 << 14;
+const MAX_EXPERTS: usize = 1 << 16;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_CONTEXT: usize = 1 << 30;
+
 impl RawConfig {
+    /// Every size the file gives, within its bound.
+    fn check_bounds(&self) -> Result<(), ModelError> {
+        let fields: [(&str, Option<usize>, usize); 19] = [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_DIM),
+            ("intermediate_size", self.intermediate_size, MAX_DIM),
+            ("moe_intermediate_size", self.moe_intermediate_size, MAX_DIM),
+            (
+                "shared_expert_intermediate_size",
+                self.shared_expert_intermediate_size,
+                MAX_DIM,
+            ),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_DIM),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_CONTEXT,
+            ),
+            ("num_local_experts", self.num_local_experts, MAX_EXPERTS),
+            ("num_experts", self.num_experts, MAX_EXPERTS),
+            ("n_routed_experts", self.n_routed_experts, MAX_EXPERTS),
+            ("n_shared_experts", self.n_shared_experts, MAX_EXPERTS),
+            ("q_lora_rank", self.q_lora_rank, MAX_DIM),
+            ("kv_lora_rank", self.kv_lora_rank, MAX_DIM),
+            ("qk_nope_head_dim", self.qk_nope_head_dim, MAX_DIM),
+            ("qk_rope_head_dim", self.qk_rope_head_dim, MAX_DIM),
+            ("v_head_dim", self.v_head_dim, MAX_DIM),
+        ];
+        for (name, value, max) in fields {
+            if let Some(v) = value.filter(|v| *v > max) {
+                return Err(bad(format!("`{name}` is {v}; at most {max} is supported")));
+            }
+        }
+        if self.rope_theta.is_some_and(|t| t <= 0.0 || !t.is_finite()) {
+            return Err(bad("`rope_theta` must be positive"));
+        }
+        Ok(())
+    }
+
     fn into_spec(self) -> Result<ModelSpec, ModelError> {
+        self.check_bounds()?;
         let class = self
             .architectures
             .first()
@@ -638,7 +693,12 @@ fn parse_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<YarnSpec>,
     let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
     match kind {
         "yarn" => Ok(Some(YarnSpec {
-            factor: num("factor").ok_or_else(|| bad("rope_scaling.factor is missing"))?,
+            factor: num("factor")
+                .ok_or_else(|| bad("rope_scaling.factor is missing"))
+                .and_then(|f| match f > 0.0 {
+                    true => Ok(f),
+                    false => Err(bad("rope_scaling.factor must be positive")),
+                })?,
             original_max_position_embeddings: num("original_max_position_embeddings")
                 .ok_or_else(|| bad("rope_scaling.original_max_position_embeddings is missing"))?
                 as usize,
@@ -775,6 +835,42 @@ mod tests {
         let want = (1.0 / 24f64.sqrt() * m * m) as f32;
         assert!((spec.softmax_scale - want).abs() < 1e-7);
         assert!(spec.rope.interleaved);
+    }
+
+    /// Found by the fuzz corpus replay's mutations: `head_dim` 2^32 parsed, and the RoPE
+    /// table built from it asked for 8 GiB; every size is now bounded.
+    #[test]
+    fn sizes_beyond_any_real_model_are_refused() {
+        let regression =
+            include_str!("../../fuzz/regressions/config_json/invalid-head-dim-2-pow-32.json");
+        let err = ModelSpec::from_json(regression).unwrap_err().to_string();
+        assert!(
+            err.contains("`head_dim` is 4294967296; at most 1048576"),
+            "{err}"
+        );
+        for (field, value) in [
+            ("num_hidden_layers", 1u64 << 40),
+            ("hidden_size", 1 << 21),
+            ("num_local_experts", 1 << 17),
+            ("vocab_size", 1 << 25),
+            ("max_position_embeddings", 1 << 31),
+        ] {
+            let mut j = mixtral_json();
+            j[field] = serde_json::json!(value);
+            let err = ModelSpec::from_json(&j.to_string())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{field}` is {value}")), "{err}");
+        }
+        let mut j = mixtral_json();
+        j["rope_theta"] = serde_json::json!(-1.0);
+        assert!(ModelSpec::from_json(&j.to_string()).is_err());
+        let mut j = mixtral_json();
+        j["num_hidden_layers"] = serde_json::json!(MAX_LAYERS);
+        assert_eq!(
+            ModelSpec::from_json(&j.to_string()).unwrap().layers.len(),
+            MAX_LAYERS
+        );
     }
 
     #[test]

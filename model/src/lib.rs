@@ -7,6 +7,8 @@
 //! - [`kv_cache`], [`attention`], [`rope`], [`routing`], [`linalg`]: the blocks.
 //! - [`sampling`], [`stop`], [`tokenizer`]: from logits to text.
 //! - [`tiny`]: writes small random-weight checkpoints in the exact Hugging Face format.
+//! - `fuzzing`: the bodies of the fuzz targets over checkpoint files and tokenizer input
+//!   (`fuzz/`).
 
 pub mod attention;
 pub mod chat_templates;
@@ -16,6 +18,8 @@ pub mod demo_tokenizer;
 pub mod error;
 pub mod expert_backend;
 pub mod experts;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kv_cache;
 pub mod linalg;
 pub mod model;

@@ -36,6 +36,11 @@ const MAX_PLAUSIBLE_CONTEXT: u64 = 1_000_000_000_000;
 /// is a genuinely invalid sequence and is emitted (lossily) rather than held forever.
 const MAX_PENDING_IDS: usize = 8;
 
+/// Most ids an [`IncrementalDecoder`] ever holds: the ids of its last emission (at most
+/// one more than [`MAX_PENDING_IDS`], or the [`MAX_CONTEXT_IDS`] of the prompt) as context,
+/// plus as many unread ones.
+pub const MAX_WINDOW_IDS: usize = 2 * (MAX_PENDING_IDS + 1);
+
 /// How many prompt ids [`IncrementalDecoder::with_context`] keeps: enough left context for any
 /// decoder that looks at neighbours, while keeping each push cheap.
 const MAX_CONTEXT_IDS: usize = 4;
@@ -69,6 +74,8 @@ pub struct Tokenizer {
     eos_token_ids: Vec<u32>,
     add_bos_token: bool,
     vocab_size: usize,
+    /// Ids of the special added tokens (what `skip_special_tokens` drops).
+    special_ids: std::collections::HashSet<u32>,
     chat_template: Option<String>,
     model_max_length: Option<usize>,
 }
@@ -178,12 +185,20 @@ impl Tokenizer {
             .map_or(0, |id| id as usize + 1)
             .max(inner.get_vocab_size(true));
 
+        let special_ids = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+
         Ok(Self {
             inner,
             bos_token_id,
             eos_token_ids,
             add_bos_token,
             vocab_size,
+            special_ids,
             chat_template,
             model_max_length,
         })
@@ -317,13 +332,21 @@ impl IncrementalDecoder {
     }
 
     /// Adds one id and returns the text that became final (often empty). Ids beyond the
-    /// tokenizer's vocabulary are ignored.
+    /// tokenizer's vocabulary are ignored, and so are special tokens when they are
+    /// skipped: they carry no text, so they must neither count towards the ids held back
+    /// for an incomplete character nor stay in the window.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
-        if !tok.is_known(id) {
+        if !tok.is_known(id) || (self.skip_special_tokens && tok.special_ids.contains(&id)) {
             return Ok(String::new());
         }
         self.window.push(id);
         self.advance(tok, false)
+    }
+
+    /// How many ids the window holds (left context and ids not yet emitted); at most
+    /// [`MAX_WINDOW_IDS`].
+    pub fn held_ids(&self) -> usize {
+        self.window.len()
     }
 
     /// Any text still held back (e.g. an incomplete char at the very end gets emitted lossily here).
@@ -345,7 +368,12 @@ impl IncrementalDecoder {
         }
         let pending = self.window.len() - self.read;
         let incomplete = full.ends_with(char::REPLACEMENT_CHARACTER);
-        if full.len() <= context.len() || (incomplete && !force && pending <= MAX_PENDING_IDS) {
+        // Text that is not final yet (an incomplete character, or no longer than the
+        // context: a lossy context whose bytes the new ids complete) is held back, but
+        // only for MAX_PENDING_IDS ids. Holding the second case without that bound let
+        // skipped special tokens grow the window without limit (found by fuzzing).
+        let not_final = incomplete || full.len() <= context.len();
+        if not_final && !force && pending <= MAX_PENDING_IDS {
             return Ok(String::new());
         }
         let text = new_suffix(&context, &full).to_owned();
@@ -726,6 +754,36 @@ mod tests {
             out += &dec.push(&tok, id).unwrap();
         }
         assert_eq!(out + &dec.flush(&tok).unwrap(), "one two");
+    }
+
+    /// Found by the `tokenizer_input` fuzz target: a UTF-8 lead byte, then skipped special
+    /// tokens counted as ids held back until the byte was emitted lossily as U+FFFD; the
+    /// continuation byte after them then made the context's text shorter than before,
+    /// and every special token after that was held (the window grew by one id per push,
+    /// each push decoding all of it). Skipped specials now stay out of the window.
+    #[test]
+    fn lossy_context_and_special_tokens_do_not_grow_the_window() {
+        let dir = demo_dir();
+        let tok = load(&dir);
+        let bytes = include_bytes!(
+            "../../fuzz/regressions/tokenizer_input/valid-window-grew-past-bound.bin"
+        );
+        crate::fuzzing::tokenizer_input(bytes).unwrap();
+        // The same shape by hand: ">", byte 0xDD, 8 skipped BOS, byte 0xA7, then BOS.
+        let byte = |b: u8| 3 + u32::from(b);
+        let mut dec = tok.decoder();
+        let mut ids = vec![byte(b'>'), byte(0xdd)];
+        ids.extend([0; 8]);
+        ids.push(byte(0xa7));
+        ids.extend([0; 40]);
+        let mut out = String::new();
+        for &id in &ids {
+            out += &dec.push(&tok, id).unwrap();
+            assert!(dec.held_ids() <= 2, "{} ids held", dec.held_ids());
+        }
+        out += &dec.flush(&tok).unwrap();
+        assert_eq!(out, ">\u{767}", "0xDD 0xA7 is one character");
+        assert_eq!(out, tok.decode(&ids, true).unwrap());
     }
 
     #[test]

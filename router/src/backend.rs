@@ -209,6 +209,27 @@ pub struct RemoteBackend {
     step_traces: Mutex<Vec<String>>,
 }
 
+/// The routes of a placement: `(layer, expert)` → the indices of the workers (through
+/// `worker_index`, by name; workers it lacks are left out) hosting a copy, each once.
+pub(crate) fn routes_of(
+    plan: &PlacementPlan,
+    worker_index: &HashMap<String, usize>,
+) -> HashMap<(usize, u32), Vec<usize>> {
+    let mut routes: HashMap<(usize, u32), Vec<usize>> = HashMap::new();
+    for (slot, experts) in &plan.assignments {
+        let Some(&w) = worker_index.get(&slot.worker) else {
+            continue;
+        };
+        for e in experts {
+            let hosts = routes.entry(*e).or_default();
+            if !hosts.contains(&w) {
+                hosts.push(w);
+            }
+        }
+    }
+    routes
+}
+
 /// A dispatch in flight, counted under the route epoch it started in.
 struct InFlight<'a> {
     backend: &'a RemoteBackend,
@@ -403,18 +424,7 @@ impl RemoteBackend {
     /// Returns the new route epoch: once [`drained`](Self::drained) of it, no dispatch
     /// split by older routes is in flight.
     pub fn set_routes(&self, plan: &PlacementPlan, worker_index: &HashMap<String, usize>) -> u64 {
-        let mut routes: HashMap<(usize, u32), Vec<usize>> = HashMap::new();
-        for (slot, experts) in &plan.assignments {
-            let Some(&w) = worker_index.get(&slot.worker) else {
-                continue;
-            };
-            for e in experts {
-                let hosts = routes.entry(*e).or_default();
-                if !hosts.contains(&w) {
-                    hosts.push(w);
-                }
-            }
-        }
+        let routes = routes_of(plan, worker_index);
         if let Ok(old) = self.routes.read() {
             // A worker the routes take (back) in has just loaded its copies for this
             // placement: forget an old mark-down, or it would get no traffic (and look

@@ -95,7 +95,7 @@ pub struct DocDevice {
 }
 
 impl PlacementDoc {
-    fn to_plan(&self, version: u64) -> PlacementPlan {
+    pub(crate) fn to_plan(&self, version: u64) -> PlacementPlan {
         PlacementPlan {
             version,
             assignments: self
@@ -144,7 +144,7 @@ impl PlacementDoc {
     }
 
     /// Experts assigned to `worker`, per device.
-    fn assigned(&self, worker: &str) -> BTreeMap<String, BTreeSet<(usize, u32)>> {
+    pub(crate) fn assigned(&self, worker: &str) -> BTreeMap<String, BTreeSet<(usize, u32)>> {
         self.devices
             .iter()
             .filter(|d| d.worker == worker)
@@ -153,15 +153,45 @@ impl PlacementDoc {
     }
 }
 
-/// Decodes a stored placement written by a controller.
-fn decode(stored: &StoredPlacement) -> Option<PlacementDoc> {
-    match serde_json::from_value(stored.placement.clone()) {
+/// Decodes a stored placement written by a controller; `None` (logged) for one that
+/// does not decode or does not fit the model.
+fn decode(stored: &StoredPlacement, spec: &ModelSpec) -> Option<PlacementDoc> {
+    match decode_checked(stored, spec) {
         Ok(doc) => Some(doc),
         Err(e) => {
             tracing::error!(version = stored.version, error = %e, "undecodable placement in etcd; ignoring it");
             None
         }
     }
+}
+
+/// A stored placement as a [`PlacementDoc`] that lists each device once and whose
+/// every copy is an expert of `spec`'s model (a corrupt document naming others would
+/// create routes, and metric series, for experts that do not exist).
+pub(crate) fn decode_checked(
+    stored: &StoredPlacement,
+    spec: &ModelSpec,
+) -> Result<PlacementDoc, String> {
+    let doc: PlacementDoc =
+        serde_json::from_value(stored.placement.clone()).map_err(|e| e.to_string())?;
+    let mut seen = BTreeSet::new();
+    for d in &doc.devices {
+        // Listed twice, a device would be routed to for both lists but told to hold
+        // only one (found by fuzzing: fuzz/regressions/placement_document/).
+        if !seen.insert((&d.worker, &d.device)) {
+            return Err(format!("device {}/{} is listed twice", d.worker, d.device));
+        }
+        for &(layer, expert) in &d.experts {
+            let moe = spec.layers.get(layer) == Some(&moe_model::config::FfnKind::Moe);
+            if !moe || expert as usize >= spec.moe.num_experts {
+                return Err(format!(
+                    "device {}/{} holds expert {expert} of layer {layer}, which this model does not have",
+                    d.worker, d.device
+                ));
+            }
+        }
+    }
+    Ok(doc)
 }
 
 /// What this router knows of the cluster, for `GET /v1/cluster` and `moe cluster status`.
@@ -279,6 +309,7 @@ fn doc_worker(rec: &moe_control::WorkerRecord) -> DocWorker {
 /// Routes by the published placement and the membership; reports the version routed by.
 async fn follow(
     view: Arc<ClusterView>,
+    spec: ModelSpec,
     clients: Arc<Clients>,
     mut members_rx: watch::Receiver<Membership>,
     mut placement_rx: watch::Receiver<Option<StoredPlacement>>,
@@ -299,7 +330,7 @@ async fn follow(
         let members = members_rx.borrow_and_update().clone();
         let stored = placement_rx.borrow_and_update().clone();
         view.update(|v| v.members = members.clone());
-        if let Some((stored, doc)) = stored.as_ref().and_then(|s| Some((s, decode(s)?))) {
+        if let Some((stored, doc)) = stored.as_ref().and_then(|s| Some((s, decode(s, &spec)?))) {
             let mut index = HashMap::new();
             for (id, w) in &doc.workers {
                 let registered = members.get(id).is_some_and(|r| doc_worker(r) == *w);
@@ -375,6 +406,7 @@ struct Controller {
     store: PlacementStore,
     metrics: RouterMetrics,
     id: String,
+    spec: ModelSpec,
     experts: Vec<(usize, u32)>,
     expert_bytes: u64,
     hidden: usize,
@@ -463,7 +495,7 @@ impl Controller {
         let (live, unanswered) = self.live(members).await;
         // Until an excluded worker's time is up, come back to it.
         let unanswered = unanswered || !self.excluded.is_empty();
-        let mut current = stored.and_then(|s| Some((s.version, decode(s)?)));
+        let mut current = stored.and_then(|s| Some((s.version, decode(s, &self.spec)?)));
         // Our own last write may not have come back through the watch yet.
         if let Some(p) = &self.published {
             if current.as_ref().is_none_or(|(v, _)| *v < p.0) {
@@ -862,6 +894,7 @@ pub async fn start(
     });
     tokio::spawn(follow(
         view.clone(),
+        spec.clone(),
         clients.clone(),
         members.subscribe(),
         placement.subscribe(),
@@ -926,6 +959,7 @@ pub async fn start(
         store,
         metrics: metrics.clone(),
         id: router_id,
+        spec: spec.clone(),
         experts: LocalExperts::all_of(spec),
         expert_bytes: spec.expert_bytes_f32() as u64,
         hidden: spec.hidden_size,
@@ -1071,6 +1105,12 @@ async fn control(
 mod tests {
     use super::*;
 
+    fn tiny_spec() -> ModelSpec {
+        use moe_model::tiny::{config_json, Size, StoreDtype};
+        let json = config_json(moe_model::Arch::Mixtral, Size::Tiny, StoreDtype::F32);
+        ModelSpec::from_json(&json.to_string()).unwrap()
+    }
+
     fn doc() -> PlacementDoc {
         PlacementDoc {
             controller: "r0".into(),
@@ -1110,11 +1150,35 @@ mod tests {
             version: 4,
             placement: json,
         };
-        assert_eq!(decode(&stored), Some(d));
+        let spec = tiny_spec();
+        assert_eq!(decode(&stored, &spec), Some(d));
         let bad = StoredPlacement {
             version: 5,
             placement: serde_json::json!({"nope": 1}),
         };
-        assert_eq!(decode(&bad), None);
+        assert_eq!(decode(&bad, &spec), None);
+        let mut foreign = doc();
+        foreign.devices[0].experts.push((0, 8));
+        let stored = StoredPlacement {
+            version: 6,
+            placement: serde_json::to_value(&foreign).unwrap(),
+        };
+        let e = decode_checked(&stored, &spec).unwrap_err();
+        assert!(e.contains("expert 8 of layer 0"), "{e}");
+    }
+
+    /// Found by the `placement_document` fuzz target: the same device twice (another
+    /// capacity) was routed to for both expert lists, but `assigned` told its worker to
+    /// hold only the second.
+    #[test]
+    fn a_placement_listing_a_device_twice_is_refused() {
+        let text = include_str!(
+            "../../fuzz/regressions/placement_document/invalid-device-listed-twice.json"
+        );
+        let stored: StoredPlacement = serde_json::from_str(text).unwrap();
+        let spec = tiny_spec();
+        let e = decode_checked(&stored, &spec).unwrap_err();
+        assert_eq!(e, "device w0/cpu:0 is listed twice");
+        assert_eq!(decode(&stored, &spec), None);
     }
 }

@@ -18,10 +18,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::chat_template::{ChatMessage, ChatTemplate, NO_TEMPLATE};
+use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::limits::RequestLimits;
 use crate::metrics::RouterMetrics;
-use crate::request::{build, ClientRequest};
+use crate::request::{ClientRequest, Served};
 use crate::scheduler::{EngineHandle, Event};
 
 /// Shared by both client APIs.
@@ -53,7 +53,7 @@ impl Api {
         id: String,
         trace: Option<TraceParent>,
     ) -> Result<tokio::sync::mpsc::Receiver<Event>, crate::ServeError> {
-        let seq = build(req, &self.tokenizer, &self.spec, &self.limits).inspect_err(|e| {
+        let seq = self.served().build(req).inspect_err(|e| {
             tracing::info!(request_id = %id, error = %e, "request refused");
             self.metrics
                 .requests
@@ -69,12 +69,20 @@ impl Api {
         })
     }
 
+    /// What request checks need of the served model.
+    pub fn served(&self) -> Served<'_> {
+        Served {
+            tokenizer: &self.tokenizer,
+            spec: &self.spec,
+            names: &self.served_model_names,
+            chat_template: self.chat_template.as_deref(),
+            limits: &self.limits,
+        }
+    }
+
     /// A conversation's prompt token ids (see [`ChatTemplate::prompt_ids`]).
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, crate::ServeError> {
-        let Some(t) = &self.chat_template else {
-            return Err(crate::ServeError::invalid("messages", NO_TEMPLATE));
-        };
-        t.prompt_ids(&self.tokenizer, messages)
+        self.served().chat_prompt(messages)
     }
 
     /// The client's id when it gave a usable one (at most 128 visible ASCII characters),

@@ -15,6 +15,8 @@
 //! - [`readiness`]: whether the router can serve now (health services, `/health`).
 //! - [`metrics`]: Prometheus names and the registry; [`load`]: per-expert load counters.
 //! - [`cluster_status`]: placement and per-expert load for operators (`/v1/cluster`).
+//! - `fuzzing`: the bodies of the fuzz targets over request bodies and placement
+//!   documents (`fuzz/`).
 
 pub mod api_keys;
 pub mod backend;
@@ -22,6 +24,8 @@ pub mod chat_template;
 pub mod cluster_status;
 pub mod elastic;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod limits;

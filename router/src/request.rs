@@ -10,9 +10,38 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use crate::chat_template::ChatMessage;
+use crate::chat_template::{ChatMessage, ChatTemplate, NO_TEMPLATE};
 use crate::error::ServeError;
 use crate::limits::RequestLimits;
+
+/// What checking a request needs of the served model (borrowed from
+/// [`crate::grpc::Api`]; the fuzz targets build one without an engine).
+#[derive(Debug, Clone, Copy)]
+pub struct Served<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub spec: &'a ModelSpec,
+    /// The names clients may ask for (`--served-model-name`); never empty.
+    pub names: &'a [String],
+    /// `None`: chat requests are refused.
+    pub chat_template: Option<&'a ChatTemplate>,
+    /// What one request may ask for.
+    pub limits: &'a RequestLimits,
+}
+
+impl Served<'_> {
+    /// A conversation's prompt token ids (see [`ChatTemplate::prompt_ids`]).
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ServeError> {
+        let Some(t) = self.chat_template else {
+            return Err(ServeError::invalid("messages", NO_TEMPLATE));
+        };
+        t.prompt_ids(self.tokenizer, messages)
+    }
+
+    /// Validates and tokenises (see [`build`]).
+    pub fn build(&self, req: ClientRequest) -> Result<SequenceRequest, ServeError> {
+        build(req, self.tokenizer, self.spec, self.limits)
+    }
+}
 
 /// A client request in the router's own terms (every API maps onto it).
 #[derive(Debug, Clone, Default)]

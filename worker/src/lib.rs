@@ -12,11 +12,14 @@
 //! - [`server`]: the gRPC `ExpertService` (plus health and reflection) over a [`Node`];
 //!   [`wire`] decodes and validates its messages; `http` serves `/metrics` and `/health`.
 //! - [`metrics`]: Prometheus metric names and the per-node registry.
+//! - `fuzzing`: the body of the dispatch-message fuzz target (`fuzz/`).
 
 mod actor;
 pub mod config;
 pub mod error;
 mod fanout;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod metrics;
 pub mod node;

@@ -198,6 +198,16 @@ fn error_response(request_id: u64, dtype: i32, code: Code, message: String) -> D
     }
 }
 
+/// The valid trace contexts of a dispatch message (at most
+/// [`MAX_TRACEPARENTS_PER_DISPATCH`]), in their canonical form; others are dropped.
+pub(crate) fn trace_contexts(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .take(MAX_TRACEPARENTS_PER_DISPATCH)
+        .filter_map(|t| TraceParent::parse(t).map(|t| t.to_string()))
+        .collect()
+}
+
 /// Answers one dispatch request (never fails: errors go into the response).
 pub(crate) async fn handle_dispatch(
     node: &Node,
@@ -208,11 +218,7 @@ pub(crate) async fn handle_dispatch(
     // this message: worker logs join the router's by trace id. Parsed only when the
     // span is recorded (debug), not on every message of the hot path.
     let traces: Vec<String> = if tracing::enabled!(tracing::Level::DEBUG) {
-        req.traceparents
-            .iter()
-            .take(MAX_TRACEPARENTS_PER_DISPATCH)
-            .filter_map(|t| TraceParent::parse(t).map(|t| t.to_string()))
-            .collect()
+        trace_contexts(&req.traceparents)
     } else {
         Vec::new()
     };

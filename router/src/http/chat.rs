@@ -22,7 +22,7 @@ use super::responses::{
 };
 use super::{logprobs, models, unix_now, HttpState};
 use crate::chat_template::ChatMessage;
-use crate::request::{reject_unknown, SamplingFields};
+use crate::request::{reject_unknown, ClientRequest, SamplingFields, Served};
 use crate::scheduler::Event;
 
 /// Known OpenAI chat fields this server refuses rather than ignores.
@@ -165,6 +165,51 @@ fn messages(list: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
         .collect()
 }
 
+/// A chat body, checked: the conversation rendered and tokenised, one request per
+/// sample, and what the answer needs.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub model: String,
+    pub reqs: Vec<ClientRequest>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub with_logprobs: bool,
+}
+
+/// Parses and checks a chat body, rendering the conversation with the chat template.
+pub(crate) fn prepare(m: Served<'_>, bytes: &[u8]) -> Result<Prepared, ApiError> {
+    let body: ChatCompletionRequest = params::parse(bytes)?;
+    reject_unknown(&body.rest, REFUSED)?;
+    let model = models::resolve(m.names, body.model.as_deref())?;
+    params::check_stream_options(body.stream, &body.stream_options)?;
+    if body.top_logprobs.is_some() && !body.logprobs {
+        return Err(ApiError::invalid("top_logprobs", "needs `logprobs: true`"));
+    }
+    let ids = m.chat_prompt(&messages(body.messages)?)?;
+    let n = params::check_n(body.n, 1, m.limits.max_choices)?;
+    let logprobs = body.logprobs.then_some(body.top_logprobs.unwrap_or(0));
+    let max_tokens = body.max_completion_tokens.or(body.max_tokens).unwrap_or(
+        // No limit given: as much as the context allows (request::build caps it).
+        m.spec.max_position_embeddings as u32,
+    );
+    let mut reqs = Vec::new();
+    for i in 0..n {
+        let mut r = body.sampling.request(max_tokens, logprobs)?;
+        r.prompt_token_ids = Some(ids.clone());
+        r.sampling.seed = params::sample_seed(body.sampling.seed, i);
+        reqs.push(r);
+    }
+    Ok(Prepared {
+        model,
+        reqs,
+        n,
+        stream: body.stream,
+        include_usage: body.stream_options.is_some_and(|o| o.include_usage),
+        with_logprobs: body.logprobs,
+    })
+}
+
 /// Answers a conversation; an [`ApiError`] answers in OpenAI's error shape.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", operation_id = "createChatCompletion",
     request_body = ChatCompletionRequest,
@@ -184,33 +229,19 @@ pub async fn handle(
     headers: axum::http::HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: ChatCompletionRequest = params::parse(&bytes)?;
-    reject_unknown(&body.rest, REFUSED)?;
-    let model = models::resolve(&s, body.model.as_deref())?;
-    params::check_stream_options(body.stream, &body.stream_options)?;
-    if body.top_logprobs.is_some() && !body.logprobs {
-        return Err(ApiError::invalid("top_logprobs", "needs `logprobs: true`"));
-    }
-    let ids = s.api.chat_prompt(&messages(body.messages)?)?;
-    let n = params::check_n(body.n, 1, s.api.limits.max_choices)?;
-    let logprobs = body.logprobs.then_some(body.top_logprobs.unwrap_or(0));
-    let max_tokens = body.max_completion_tokens.or(body.max_tokens).unwrap_or(
-        // No limit given: as much as the context allows (request::build caps it).
-        s.api.spec.max_position_embeddings as u32,
-    );
-    let mut reqs = Vec::new();
-    for i in 0..n {
-        let mut r = body.sampling.request(max_tokens, logprobs)?;
-        r.prompt_token_ids = Some(ids.clone());
-        r.sampling.seed = params::sample_seed(body.sampling.seed, i);
-        reqs.push(r);
-    }
+    let Prepared {
+        model,
+        reqs,
+        n,
+        stream,
+        include_usage,
+        with_logprobs,
+    } = prepare(s.api.served(), &bytes)?;
     let (base, rxs) = choices::start(&s.api, reqs, &headers)?;
     let id = format!("chatcmpl-{base}");
     let created = unix_now();
-    let with_logprobs = body.logprobs;
     let tok = s.api.tokenizer.clone();
-    if !body.stream {
+    if !stream {
         let done = choices::collect(rxs).await?;
         let usage =
             choices::total_usage(&done.iter().map(|f| f.usage.clone()).collect::<Vec<_>>(), n);
@@ -237,7 +268,6 @@ pub async fn handle(
         })
         .into_response());
     }
-    let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
     let chunk = move |choices: Vec<ChatChunkChoice>, usage| {
         event_data(&ChatChunk {
             id: id.clone(),

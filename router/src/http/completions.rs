@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
+use moe_model::Tokenizer;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -16,7 +17,7 @@ use super::errors::ApiError;
 use super::params::{self, StreamOptions};
 use super::responses::{event_data, Completion, CompletionChoice, ErrorResponse, Finish};
 use super::{logprobs, models, unix_now, HttpState};
-use crate::request::{reject_unknown, SamplingFields};
+use crate::request::{reject_unknown, ClientRequest, SamplingFields, Served};
 use crate::scheduler::Event;
 
 /// Known OpenAI completions fields this server refuses rather than ignores.
@@ -89,8 +90,8 @@ struct OnePrompt {
     ids: Option<Vec<u32>>,
 }
 
-fn prompts(s: &HttpState, p: Prompt) -> Result<Vec<OnePrompt>, ApiError> {
-    let decode = |ids: &[u32]| s.api.tokenizer.decode(ids, false).unwrap_or_default();
+fn prompts(tok: &Tokenizer, p: Prompt) -> Result<Vec<OnePrompt>, ApiError> {
+    let decode = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
     let list: Vec<OnePrompt> = match p {
         Prompt::Text(t) => vec![OnePrompt {
             echo_text: t.clone(),
@@ -125,26 +126,26 @@ fn prompts(s: &HttpState, p: Prompt) -> Result<Vec<OnePrompt>, ApiError> {
     Ok(list)
 }
 
-/// Completes prompts; an [`ApiError`] answers in OpenAI's error shape.
-#[utoipa::path(post, path = "/v1/completions", tag = "openai", operation_id = "createCompletion",
-    request_body = CompletionRequest,
-    responses(
-        (status = 200, description = "A completion; with `stream: true`, `text/event-stream` \
-            of `Completion` chunks ended by `data: [DONE]`",
-            content((Completion = "application/json"), (String = "text/event-stream"))),
-        (status = 408, description = "the body did not arrive in time", body = ErrorResponse),
-        (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
-        (status = 404, description = "model not served", body = ErrorResponse),
-        (status = 413, body = ErrorResponse), (status = 429, body = ErrorResponse),
-        (status = 503, body = ErrorResponse)))]
-pub async fn handle(
-    State(s): State<HttpState>,
-    headers: axum::http::HeaderMap,
-    bytes: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let body: CompletionRequest = params::parse(&bytes)?;
+/// A completions body, checked: its requests (one per prompt × sample, in choice
+/// order, not yet tokenised: [`crate::request::build`] does that) and what the answer
+/// needs.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub model: String,
+    pub reqs: Vec<ClientRequest>,
+    /// Per choice: the text `echo` puts first ("" without `echo`).
+    pub echoes: Vec<String>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub with_logprobs: bool,
+}
+
+/// Parses and checks a completions body: everything but tokenising the prompts.
+pub(crate) fn prepare(m: Served<'_>, bytes: &[u8]) -> Result<Prepared, ApiError> {
+    let body: CompletionRequest = params::parse(bytes)?;
     reject_unknown(&body.rest, REFUSED)?;
-    let model = models::resolve(&s, body.model.as_deref())?;
+    let model = models::resolve(m.names, body.model.as_deref())?;
     params::check_stream_options(body.stream, &body.stream_options)?;
     if body.echo && body.logprobs.is_some() {
         return Err(ApiError::invalid(
@@ -152,8 +153,8 @@ pub async fn handle(
             "`echo` with `logprobs` (prompt logprobs) is not supported",
         ));
     }
-    let prompts = prompts(&s, body.prompt)?;
-    let n = params::check_n(body.n, prompts.len(), s.api.limits.max_choices)?;
+    let prompts = prompts(m.tokenizer, body.prompt)?;
+    let n = params::check_n(body.n, prompts.len(), m.limits.max_choices)?;
     let mut reqs = Vec::new();
     let mut echoes = Vec::new();
     for p in &prompts {
@@ -172,11 +173,47 @@ pub async fn handle(
             });
         }
     }
+    Ok(Prepared {
+        model,
+        reqs,
+        echoes,
+        n,
+        stream: body.stream,
+        include_usage: body.stream_options.is_some_and(|o| o.include_usage),
+        with_logprobs: body.logprobs.is_some(),
+    })
+}
+
+/// Completes prompts; an [`ApiError`] answers in OpenAI's error shape.
+#[utoipa::path(post, path = "/v1/completions", tag = "openai", operation_id = "createCompletion",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "A completion; with `stream: true`, `text/event-stream` \
+            of `Completion` chunks ended by `data: [DONE]`",
+            content((Completion = "application/json"), (String = "text/event-stream"))),
+        (status = 408, description = "the body did not arrive in time", body = ErrorResponse),
+        (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+        (status = 404, description = "model not served", body = ErrorResponse),
+        (status = 413, body = ErrorResponse), (status = 429, body = ErrorResponse),
+        (status = 503, body = ErrorResponse)))]
+pub async fn handle(
+    State(s): State<HttpState>,
+    headers: axum::http::HeaderMap,
+    bytes: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let Prepared {
+        model,
+        reqs,
+        echoes,
+        n,
+        stream,
+        include_usage,
+        with_logprobs,
+    } = prepare(s.api.served(), &bytes)?;
     let (base, rxs) = choices::start(&s.api, reqs, &headers)?;
     let id = format!("cmpl-{base}");
     let created = unix_now();
-    let with_logprobs = body.logprobs.is_some();
-    if !body.stream {
+    if !stream {
         let done = choices::collect(rxs).await?;
         let usage =
             choices::total_usage(&done.iter().map(|f| f.usage.clone()).collect::<Vec<_>>(), n);
@@ -196,7 +233,6 @@ pub async fn handle(
         })
         .into_response());
     }
-    let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
     let chunk = move |choices: Vec<CompletionChoice>, usage| {
         event_data(&Completion {
             id: id.clone(),

@@ -33,6 +33,9 @@ pub mod responses;
 pub mod server;
 mod status_page;
 
+pub(crate) use chat::prepare as prepare_chat;
+pub(crate) use completions::prepare as prepare_completion;
+
 /// State of the HTTP handlers.
 #[derive(Clone)]
 pub struct HttpState {

@@ -34,8 +34,7 @@ pub async fn list(State(s): State<HttpState>) -> Json<ModelList> {
 }
 
 /// The name to answer with: the requested one when served, the first when none is given.
-pub fn resolve(s: &HttpState, requested: Option<&str>) -> Result<String, ApiError> {
-    let names = &s.api.served_model_names;
+pub fn resolve(names: &[String], requested: Option<&str>) -> Result<String, ApiError> {
     match requested {
         None | Some("") => Ok(names.first().cloned().unwrap_or_default()),
         Some(m) if names.iter().any(|n| n == m) => Ok(m.to_owned()),

@@ -166,6 +166,8 @@ impl AsyncWrite for Replay {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
