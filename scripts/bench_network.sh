@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The cluster over an emulated network: router + 2 workers with a delay proxy
 # (`moe bench proxy`) in front of each worker, one-way delays of 0, 100 µs, 500 µs and
-# 1 ms, overlap off and on, against standalone `moe serve` in the same run. Decode-heavy
+# 1 ms, with overlap off (`--overlap false`), on (`--overlap true`, whole steps) and
+# split (`--micro-batches 2`), against standalone `moe serve` in the same run. Decode-heavy
 # workload: 32-token prompts, 128 output tokens. Prints one line per run and a table;
 # the numbers go to docs/benchmarks.md.
 #
 #   scripts/bench_network.sh [CHECKPOINT_DIR]   (default: writes the Mixtral-shaped bench
 #                                                checkpoint to /tmp/moe-bench-mixtral)
-# Env: CONCURRENCY="1 32" DELAYS_US="0 100 500 1000" OVERLAP="false true"
+# Env: CONCURRENCY="1 32" DELAYS_US="0 100 500 1000" MODES="off on split"
 #      PROMPT=32 MAX_TOKENS=128 REQUESTS_PER_CLIENT=2 DISPATCH_DTYPE=f32 PROFILE=dev
 # (the dev profile of this workspace is optimised; see Cargo.toml)
 set -euo pipefail
@@ -21,7 +22,7 @@ if [ ! -f "$CKPT/config.json" ]; then
 fi
 CONCURRENCY="${CONCURRENCY:-1 32}"
 DELAYS_US="${DELAYS_US:-0 100 500 1000}"
-OVERLAP="${OVERLAP:-false true}"
+MODES="${MODES:-off on split}"
 PROMPT="${PROMPT:-32}"
 MAX_TOKENS="${MAX_TOKENS:-128}"
 PER="${REQUESTS_PER_CLIENT:-2}"
@@ -100,10 +101,16 @@ w2http=$(grep -o 'http=[^ ]*' "$LOGS/w2.out" | head -1 | cut -d= -f2)
 for d in $DELAYS_US; do
   p1=$(start p1 "listening proxy=" "$MOE" bench proxy --upstream "$w1" --delay-us "$d")
   p2=$(start p2 "listening proxy=" "$MOE" bench proxy --upstream "$w2" --delay-us "$d")
-  for o in $OVERLAP; do
+  for o in $MODES; do
+    case $o in
+      off) mode=(--overlap false) ;;
+      on) mode=(--overlap true --micro-batches 1) ;;
+      split) mode=(--overlap true --micro-batches 2) ;;
+      *) echo "unknown mode $o" >&2; exit 2 ;;
+    esac
     target=$(start router "listening grpc=" "$MOE" router --model "$CKPT" --workers "$p1,$p2" \
       --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --insecure --max-batch-tokens 4096 \
-      --overlap "$o" --dispatch-dtype "$DTYPE")
+      "${mode[@]}" --dispatch-dtype "$DTYPE")
     rhttp=$(grep -o 'http=[^ ]*' "$LOGS/router.out" | head -1 | cut -d= -f2)
     read -r w1s0 w1c0 < <(hist "$w1http" moe_worker_compute_seconds)
     read -r w2s0 w2c0 < <(hist "$w2http" moe_worker_compute_seconds)

@@ -95,10 +95,16 @@ pub struct ServeArgs {
     #[arg(long, env = "MOE_MARK_DOWN_MS", default_value_t = 5_000)]
     mark_down_ms: u64,
     /// Overlap expert dispatch with computation (router with workers): shared experts,
-    /// and the other half of a step split in two micro-batches, are computed while a
+    /// and with --micro-batches 2 the other half of the step, are computed while a
     /// layer's rows are on the workers. `false`: every layer waits for its round trip.
     #[arg(long, env = "MOE_OVERLAP", default_value_t = true, action = clap::ArgAction::Set)]
     overlap: bool,
+    /// With --overlap: split steps of two or more sequences into this many micro-batches
+    /// (1 or 2), pipelined so that one half's dispatch overlaps the other's attention.
+    /// 2 pays when the network, not the workers' compute, is the bottleneck: on CPU
+    /// workers it reads every expert's weights twice per step (docs/benchmarks.md).
+    #[arg(long, env = "MOE_MICRO_BATCHES", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    micro_batches: u8,
     /// Element type of rows sent to workers and of their answers: `f32` (exact: greedy
     /// tokens match `moe generate`) or `bf16` (half the bytes, rounded).
     #[arg(long, env = "MOE_DISPATCH_DTYPE", default_value = "f32", value_parser = ["f32", "bf16"])]
@@ -213,6 +219,7 @@ fn check_config(a: &ServeArgs, cfg: &RouterConfig, mode: Mode) -> anyhow::Result
         "dispatch_retries": cfg.dispatch.max_retries,
         "mark_down_ms": cfg.dispatch.mark_down_for.as_millis() as u64,
         "overlap": cfg.dispatch.overlap,
+        "micro_batches": cfg.dispatch.micro_batches,
         "dispatch_dtype": a.dispatch_dtype,
         "startup_timeout_secs": cfg.startup_timeout.as_secs(),
         "drain_timeout_secs": cfg.drain_timeout.as_secs(),
@@ -394,6 +401,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
             mark_down_for: Duration::from_millis(a.mark_down_ms),
             worker_tls: worker_tls.as_ref().map(|(_, c)| c.clone()),
             overlap: a.overlap,
+            micro_batches: usize::from(a.micro_batches),
             dtype: if a.dispatch_dtype == "bf16" {
                 moe_proto::rows::RowDtype::Bf16
             } else {

@@ -46,8 +46,12 @@ pub struct DispatchConfig {
     pub dtype: RowDtype,
     /// Overlap dispatches with computation (`--overlap`): a MoE layer's rows go out and
     /// the engine computes shared experts, and the other micro-batch's attention, while
-    /// they are away; steps of two or more sequences run as two micro-batches.
+    /// they are away.
     pub overlap: bool,
+    /// Micro-batches a step of two or more sequences is split into, with overlap
+    /// (`--micro-batches`, 1 or 2): 2 pipelines one half's dispatch with the other's
+    /// attention, at the cost of reading every expert's weights once per half.
+    pub micro_batches: usize,
 }
 
 impl std::fmt::Debug for DispatchConfig {
@@ -61,6 +65,7 @@ impl std::fmt::Debug for DispatchConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("dtype", &self.dtype)
             .field("overlap", &self.overlap)
+            .field("micro_batches", &self.micro_batches)
             .finish()
     }
 }
@@ -76,6 +81,7 @@ impl Default for DispatchConfig {
             max_message_bytes: 256 << 20,
             dtype: RowDtype::F32,
             overlap: true,
+            micro_batches: 1,
         }
     }
 }
@@ -798,7 +804,7 @@ impl ExpertBackend for RemoteBackend {
     }
 
     fn micro_batches(&self, seqs: usize, _tokens: usize) -> usize {
-        if self.cfg.overlap && seqs >= 2 {
+        if self.cfg.overlap && self.cfg.micro_batches >= 2 && seqs >= 2 {
             self.metrics.split_steps.inc();
             2
         } else {

@@ -128,6 +128,7 @@ pub(crate) async fn start(
             .map(|(i, c)| (c.addr().to_owned(), i))
             .collect(),
         silent_since: vec![None; clients.len()],
+        planned: (0..clients.len()).collect(),
         clients,
         slots,
         experts: LocalExperts::all_of(spec),
@@ -242,6 +243,8 @@ struct Healer {
     slots: Vec<Vec<DeviceSlot>>,
     /// Since when each worker has not answered.
     silent_since: Vec<Option<Instant>>,
+    /// The workers the placement in force was planned over (some may hold nothing).
+    planned: BTreeSet<usize>,
     experts: Vec<(usize, u32)>,
     expert_bytes: u64,
     replicas: usize,
@@ -370,24 +373,20 @@ impl Healer {
             }
         }
         let current = self.backend.placement();
-        let placed: BTreeSet<usize> = current
-            .assignments
-            .keys()
-            .filter_map(|s| self.index.get(&s.worker).copied())
-            .collect();
-        // Members: those that answer, and those of the placement silent for less than
-        // REPLACE_AFTER (a blip is not worth moving experts for).
+        // Members: those that answer, and those planned over that have been silent for
+        // less than REPLACE_AFTER (a blip is not worth moving experts for).
         let members: BTreeSet<usize> = (0..self.clients.len())
             .filter(|&i| {
                 have[i].is_some()
-                    || (placed.contains(&i)
+                    || (self.planned.contains(&i)
                         && self.silent_since[i]
                             .is_none_or(|t| now.duration_since(t) < REPLACE_AFTER))
             })
             .collect();
-        if !members.is_empty() && members != placed {
-            if let Err(e) = self.replace(&current, &members, &mut have).await {
-                tracing::warn!(error = %e, "re-placing the experts failed; trying again");
+        if !members.is_empty() && members != self.planned {
+            match self.replace(&current, &members, &mut have).await {
+                Ok(()) => self.planned = members,
+                Err(e) => tracing::warn!(error = %e, "re-placing the experts failed; trying again"),
             }
         } else {
             self.reload_drift(&current, &mut have).await;
@@ -433,6 +432,11 @@ impl Healer {
         have: &mut [Option<Hosted>],
     ) -> anyhow::Result<()> {
         let next = self.plan_over(members, current, current.version + 1)?;
+        if next.assignments == current.assignments {
+            // The change moves nothing (e.g. a returning worker the planner leaves
+            // empty): keep the placement and its version.
+            return Ok(());
+        }
         let answering: BTreeSet<usize> = members
             .iter()
             .copied()

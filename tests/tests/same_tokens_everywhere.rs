@@ -70,7 +70,19 @@ async fn router_with_two_workers_matches_offline_generate() {
     let b = Proc::worker(&model, "cpu:0,cpu:1", &[]);
     let r = Proc::router(&model, &[&a, &b], &[]);
     check_against_offline("router + 2 workers", &model, r.grpc).await;
-    // Overlap is on by default: concurrent requests made steps of two micro-batches.
+    let split = metric_value(&metrics(r.http), "moe_split_steps_total").unwrap_or(0.0);
+    assert_eq!(split, 0.0, "steps are whole by default (--micro-batches 1)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_with_two_micro_batches_matches_offline_generate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_checkpoint(dir.path(), 11);
+    let a = Proc::worker(&model, "cpu:0,cpu:1", &[]);
+    let b = Proc::worker(&model, "cpu:0,cpu:1", &[]);
+    let r = Proc::router(&model, &[&a, &b], &["--micro-batches", "2"]);
+    check_against_offline("router + 2 workers, 2 micro-batches", &model, r.grpc).await;
+    // Concurrent requests made steps of two micro-batches.
     let split = metric_value(&metrics(r.http), "moe_split_steps_total").unwrap_or(0.0);
     assert!(split > 0.0, "no step was split into micro-batches");
 }
@@ -81,7 +93,11 @@ async fn router_without_overlap_matches_offline_generate() {
     let model = tiny_checkpoint(dir.path(), 11);
     let a = Proc::worker(&model, "cpu:0,cpu:1", &[]);
     let b = Proc::worker(&model, "cpu:0", &[]);
-    let r = Proc::router(&model, &[&a, &b], &["--overlap", "false"]);
+    let r = Proc::router(
+        &model,
+        &[&a, &b],
+        &["--overlap", "false", "--micro-batches", "2"],
+    );
     check_against_offline("router + 2 workers, --overlap false", &model, r.grpc).await;
     let split = metric_value(&metrics(r.http), "moe_split_steps_total").unwrap_or(0.0);
     assert_eq!(split, 0.0, "--overlap false split steps");

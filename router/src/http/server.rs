@@ -169,7 +169,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
     use tokio::net::{TcpListener, TcpStream};
 
