@@ -3,10 +3,13 @@
 //! as it passes the bound) and within `--http-body-timeout-secs` of the headers (a client
 //! trickling its body holds no handler for longer). Handlers then get the whole body as
 //! bytes. Answers: 413 `body_too_large`, 408 `body_timeout`, both in OpenAI's shape.
+//! A refused body is not read to its end, so the server closes the connection after the
+//! answer; on HTTP/1 the answer says so (`Connection: close`), or a keep-alive client
+//! would send its next request on a connection already being closed and get no answer.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -23,29 +26,42 @@ fn too_large(max: usize) -> ApiError {
     }
 }
 
+/// An answer to a request whose body was left unread: the connection closes after it.
+fn refused(e: ApiError, version: Version) -> Response {
+    let mut r = e.into_response();
+    // HTTP/2 has no connection header (an unread stream is reset on its own).
+    if version <= Version::HTTP_11 {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
 /// Middleware: buffers the body under the limits, or answers 413 / 408 / 400.
 pub async fn bounded(State(l): State<HttpLimits>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
+    let version = parts.version;
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > l.max_body_bytes as u64) {
-        return too_large(l.max_body_bytes).into_response();
+        return refused(too_large(l.max_body_bytes), version);
     }
     let read = Limited::new(body, l.max_body_bytes).collect();
     let bytes = match tokio::time::timeout(l.body_read_timeout, read).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return too_large(l.max_body_bytes).into_response();
+            return refused(too_large(l.max_body_bytes), version);
         }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "reading a request body failed");
-            return ApiError::invalid("body", "the request body could not be read").into_response();
+            let e = ApiError::invalid("body", "the request body could not be read");
+            return refused(e, version);
         }
         Err(_) => {
-            return ApiError {
+            let e = ApiError {
                 status: StatusCode::REQUEST_TIMEOUT,
                 message: format!(
                     "the request body did not arrive within {} s",
@@ -53,8 +69,8 @@ pub async fn bounded(State(l): State<HttpLimits>, req: Request, next: Next) -> R
                 ),
                 param: None,
                 code: Some("body_timeout"),
-            }
-            .into_response();
+            };
+            return refused(e, version);
         }
     };
     next.run(Request::from_parts(parts, Body::from(bytes)))
@@ -124,6 +140,39 @@ mod tests {
         )
         .await;
         assert_eq!((status, body.len()), (200, big.len()));
+    }
+
+    /// Found by bounded_inputs failing now and then: after a 413 the server closed the
+    /// connection without saying so, and the client's next request on it got no answer.
+    #[tokio::test]
+    async fn a_refused_body_closes_the_http1_connection_and_says_so() {
+        let l = limits(8, Duration::from_secs(30));
+        for (version, close) in [(Version::HTTP_11, Some("close")), (Version::HTTP_2, None)] {
+            let req = axum::http::Request::builder()
+                .method("POST")
+                .uri("/echo")
+                .version(version)
+                .header(header::CONTENT_LENGTH, 10)
+                .body(Body::from("0123456789"))
+                .unwrap();
+            let res = app(l.clone()).oneshot(req).await.unwrap();
+            assert_eq!(res.status(), 413);
+            let connection = res.headers().get(header::CONNECTION);
+            assert_eq!(
+                connection.and_then(|v| v.to_str().ok()),
+                close,
+                "{version:?}"
+            );
+        }
+        // A body within the bound keeps the connection.
+        let req = axum::http::Request::builder()
+            .method("POST")
+            .uri("/echo")
+            .body(Body::from("01234567"))
+            .unwrap();
+        let res = app(l).oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(res.headers().get(header::CONNECTION).is_none());
     }
 
     #[tokio::test]
