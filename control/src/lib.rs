@@ -42,7 +42,7 @@ pub use membership::{
     DeviceRecord, Membership, Registration, RegistrationState, Registry, WorkerRecord,
 };
 pub use placement::{
-    device_loads, max_over_mean, plan, DeviceSlot, ExpertKey, PlacementError, PlacementPlan,
-    PlanInput,
+    device_loads, max_over_mean, plan, plan_what_fits, DeviceSlot, ExpertKey, PlacementError,
+    PlacementPlan, PlanInput,
 };
 pub use placement_store::{PlacementStore, StoredPlacement};

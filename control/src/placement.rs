@@ -105,6 +105,30 @@ pub enum PlacementError {
     InsufficientCapacity(Vec<ExpertKey>),
 }
 
+/// [`plan`]; when the devices cannot hold every expert, a plan of those that fit rather
+/// than none (requests needing the others fail UNAVAILABLE naming them). Returns the
+/// experts left out too.
+pub fn plan_what_fits(
+    input: &PlanInput<'_>,
+) -> Result<(PlacementPlan, Vec<ExpertKey>), PlacementError> {
+    match plan(input) {
+        Err(PlacementError::InsufficientCapacity(missing)) => {
+            let fits: Vec<ExpertKey> = input
+                .experts
+                .iter()
+                .copied()
+                .filter(|e| !missing.contains(e))
+                .collect();
+            let placed = plan(&PlanInput {
+                experts: &fits,
+                ..input.clone()
+            })?;
+            Ok((placed, missing))
+        }
+        other => other.map(|p| (p, Vec::new())),
+    }
+}
+
 /// Plans a placement (version 0; the caller numbers it).
 pub fn plan(input: &PlanInput<'_>) -> Result<PlacementPlan, PlacementError> {
     let n = input.devices.len();
@@ -674,6 +698,20 @@ mod tests {
             PlacementError::InsufficientCapacity(vec![(0, 6), (0, 7)])
         );
         assert!(err.to_string().contains("2 experts"));
+        // Placing what fits instead: the others are named, every device is full.
+        let (placed, missing) = plan_what_fits(&PlanInput {
+            experts: &ex,
+            expert_bytes: 10,
+            devices: &devs,
+            replicas: 1,
+            previous: None,
+            load: None,
+            extra_copies: 0,
+        })
+        .unwrap();
+        assert_eq!(missing, vec![(0, 6), (0, 7)]);
+        assert_eq!(placed.missing(&ex), vec![(0, 6), (0, 7)]);
+        assert!(placed.assignments.values().all(|s| s.len() == 3));
         assert_eq!(
             plan(&PlanInput {
                 experts: &ex,

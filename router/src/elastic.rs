@@ -27,10 +27,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use moe_control::{
-    plan, watch_leader, watch_load, ControlError, DeviceSlot, Election, EtcdClient, EtcdConfig,
-    EtcdRegistry, ExpertLoadReport, FencingToken, Leadership, LoadReporter, Membership,
-    PlacementError, PlacementPlan, PlacementStore, PlanInput, Registry, RouterPresence,
-    RouterRecord, StoredPlacement,
+    plan_what_fits, watch_leader, watch_load, ControlError, DeviceSlot, Election, EtcdClient,
+    EtcdConfig, EtcdRegistry, ExpertLoadReport, FencingToken, Leadership, LoadReporter, Membership,
+    PlacementPlan, PlacementStore, PlanInput, Registry, RouterPresence, RouterRecord,
+    StoredPlacement,
 };
 use moe_model::{LocalExperts, ModelSpec};
 use serde::{Deserialize, Serialize};
@@ -607,41 +607,27 @@ impl Controller {
         previous.assignments.retain(|slot, _| {
             current.is_some_and(|(_, d)| d.workers.get(&slot.worker) == live.get(&slot.worker))
         });
-        let plan_over = |experts: &[(usize, u32)]| {
-            plan(&PlanInput {
-                experts,
-                expert_bytes: self.expert_bytes,
-                devices: &slots,
-                replicas: self.replicas,
-                previous: Some(&previous),
-                load: self.load.as_ref(),
-                extra_copies: if self.load.is_some() {
-                    self.hot_copies
-                } else {
-                    0
-                },
-            })
-        };
-        let next = match plan_over(&self.experts) {
-            // Not everything fits on the workers left: place what fits (requests needing
-            // the rest fail UNAVAILABLE naming them) rather than nothing.
-            Err(PlacementError::InsufficientCapacity(missing)) => {
-                tracing::error!(
-                    experts = missing.len(),
-                    first = ?missing.first(),
-                    "not enough device capacity for every expert: placing the others"
-                );
-                let fits: Vec<(usize, u32)> = self
-                    .experts
-                    .iter()
-                    .copied()
-                    .filter(|e| !missing.contains(e))
-                    .collect();
-                plan_over(&fits)
-            }
-            other => other,
-        }
+        let (next, missing) = plan_what_fits(&PlanInput {
+            experts: &self.experts,
+            expert_bytes: self.expert_bytes,
+            devices: &slots,
+            replicas: self.replicas,
+            previous: Some(&previous),
+            load: self.load.as_ref(),
+            extra_copies: if self.load.is_some() {
+                self.hot_copies
+            } else {
+                0
+            },
+        })
         .context("planning over the live workers")?;
+        if !missing.is_empty() {
+            tracing::error!(
+                experts = missing.len(),
+                first = ?missing.first(),
+                "not enough device capacity for every expert: placing the others"
+            );
+        }
         let doc = PlacementDoc::from_plan(&next, live.clone(), &self.id, token.revision);
         let unchanged = current.is_some_and(|(_, d)| d.same_layout(&doc));
         let version = match current {

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use moe_control::{plan, DeviceSlot, PlacementError, PlacementPlan, PlanInput};
+use moe_control::{plan_what_fits, DeviceSlot, PlacementPlan, PlanInput};
 use moe_model::{LocalExperts, ModelSpec};
 use moe_proto::v1::InfoResponse;
 use serde_json::{json, Value};
@@ -270,35 +270,23 @@ impl Healer {
             .collect();
         let mut previous = previous.clone();
         previous.assignments.retain(|s, _| slots.contains(s));
-        let over = |experts: &[(usize, u32)]| {
-            plan(&PlanInput {
-                experts,
-                expert_bytes: self.expert_bytes,
-                devices: &slots,
-                replicas: self.replicas,
-                previous: Some(&previous),
-                load: None,
-                extra_copies: 0,
-            })
-        };
-        let mut next = match over(&self.experts) {
-            Err(PlacementError::InsufficientCapacity(missing)) => {
-                tracing::error!(
-                    experts = missing.len(),
-                    first = ?missing.first(),
-                    "not enough device capacity on the answering workers for every expert: placing the others"
-                );
-                let fits: Vec<(usize, u32)> = self
-                    .experts
-                    .iter()
-                    .copied()
-                    .filter(|e| !missing.contains(e))
-                    .collect();
-                over(&fits)
-            }
-            other => other,
-        }
+        let (mut next, missing) = plan_what_fits(&PlanInput {
+            experts: &self.experts,
+            expert_bytes: self.expert_bytes,
+            devices: &slots,
+            replicas: self.replicas,
+            previous: Some(&previous),
+            load: None,
+            extra_copies: 0,
+        })
         .context("planning the static placement")?;
+        if !missing.is_empty() {
+            tracing::error!(
+                experts = missing.len(),
+                first = ?missing.first(),
+                "not enough device capacity on the answering workers for every expert: placing the others"
+            );
+        }
         next.version = version;
         for (slot, experts) in &next.assignments {
             tracing::info!(worker = %slot.worker, device = %slot.device, experts = experts.len(), version, "placement");
