@@ -274,7 +274,6 @@ fn to_assignments(assignments: Vec<(String, Vec<(usize, u32)>)>) -> Vec<DeviceAs
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moe_model::ExpertError;
 
     #[test]
     fn every_worker_code_reads_back_as_what_the_worker_meant() {

@@ -183,7 +183,7 @@ mod tests {
                     .filter_map(|p| {
                         let j = p.rows.iter().position(|r| *r == row)?;
                         let id = p.ids[j * k + s];
-                        (id != NO_EXPERT).then(|| (id, p.weights[j * k + s]))
+                        (id != NO_EXPERT).then_some((id, p.weights[j * k + s]))
                     })
                     .collect();
                 if e == NO_EXPERT {
