@@ -9,7 +9,7 @@ use anyhow::Context;
 use moe_model::tiny::{self, Size, StoreDtype, TinyOptions};
 use moe_model::{Arch, WeightDtype};
 use moe_router::api_keys::ApiKeys;
-use moe_router::backend::DispatchConfig;
+use moe_router::dispatch::DispatchConfig;
 use moe_router::elastic::EtcdMembership;
 use moe_router::scheduler::EngineConfig;
 use moe_router::{run_router, ExpertSource, RouterConfig};

@@ -11,17 +11,69 @@
 /// An expert slot that is not to be computed (a worker given part of a row's experts).
 pub const NO_EXPERT: u32 = u32::MAX;
 
-/// Why a MoE layer could not be computed.
+/// Why a MoE layer could not be computed. Each variant says what happened, so callers
+/// decide (retry, fail over, give up) by variant, never by message text.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ExpertError {
+    /// This backend does not hold the expert.
     #[error("expert {expert} of layer {layer} is not hosted here")]
     NotHosted { layer: usize, expert: u32 },
-    /// The request itself is malformed (sizes disagree).
+    /// The request itself is malformed (sizes disagree, not a MoE layer).
     #[error("invalid expert request: {0}")]
     Invalid(String),
-    /// No live copy of some experts could be reached.
+    /// `who` (a worker, a device, the local experts) gave no answer within `after`: it
+    /// may be hung, overloaded or cut off.
+    #[error("{who}: no response within {} ms", .after.as_millis())]
+    Deadline {
+        who: String,
+        after: std::time::Duration,
+    },
+    /// `worker` answered, with an error.
+    #[error("worker {worker}: {message} (code {code})")]
+    Rejected {
+        worker: String,
+        code: RejectCode,
+        message: String,
+    },
+    /// No connection to a worker, or its stream broke (or delivered what cannot be read).
+    #[error("experts unreachable: {0}")]
+    Transport(String),
+    /// No live copy of some experts is left to ask (none routed, every one marked down,
+    /// or held only by devices that are restarting).
     #[error("experts unavailable: {0}")]
     Unavailable(String),
+}
+
+/// Why a worker refused a dispatch: the `WorkerErrorCode` of its answer (`moe.v1`), as
+/// the model sees it (this crate does not depend on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectCode {
+    /// The dispatch was malformed; sending it again cannot help.
+    InvalidArgument,
+    /// The worker does not host an expert the dispatch names (its placement moved on).
+    NotHosted,
+    /// A device of the worker failed, is restarting or did not answer in time.
+    Unavailable,
+    /// A code this build does not know (a newer worker), kept as it came.
+    Other(i32),
+}
+
+impl RejectCode {
+    /// Whether sending the same dispatch again (to this or another copy) may succeed.
+    pub fn is_retryable(self) -> bool {
+        !matches!(self, RejectCode::InvalidArgument)
+    }
+}
+
+impl std::fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RejectCode::InvalidArgument => f.write_str("3, invalid argument"),
+            RejectCode::NotHosted => f.write_str("5, not hosted"),
+            RejectCode::Unavailable => f.write_str("14, unavailable"),
+            RejectCode::Other(n) => write!(f, "{n}, unknown"),
+        }
+    }
 }
 
 /// One MoE layer's work for a step: `rows` is `[n, hidden]`, `expert_ids` and `weights`
@@ -141,6 +193,55 @@ impl<'a> Pending<'a> {
         match self.0 {
             PendingState::Done(r) => r,
             PendingState::Later(f) => f(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_what_happened() {
+        let deadline = ExpertError::Deadline {
+            who: "worker 10.0.0.7:50051".into(),
+            after: std::time::Duration::from_millis(1500),
+        };
+        assert_eq!(
+            deadline.to_string(),
+            "worker 10.0.0.7:50051: no response within 1500 ms"
+        );
+        let rejected = ExpertError::Rejected {
+            worker: "w1:1".into(),
+            code: RejectCode::NotHosted,
+            message: "expert 3 of layer 1 is not hosted here".into(),
+        };
+        let m = rejected.to_string();
+        assert!(
+            m.contains("w1:1") && m.contains("expert 3 of layer 1"),
+            "{m}"
+        );
+        assert!(m.contains("(code 5, not hosted)"), "{m}");
+        let unknown = ExpertError::Rejected {
+            worker: "w1:1".into(),
+            code: RejectCode::Other(-7),
+            message: "?".into(),
+        };
+        assert!(
+            unknown.to_string().contains("code -7, unknown"),
+            "{unknown}"
+        );
+    }
+
+    #[test]
+    fn only_an_invalid_argument_is_not_worth_retrying() {
+        assert!(!RejectCode::InvalidArgument.is_retryable());
+        for c in [
+            RejectCode::NotHosted,
+            RejectCode::Unavailable,
+            RejectCode::Other(99),
+        ] {
+            assert!(c.is_retryable(), "{c}");
         }
     }
 }

@@ -33,7 +33,7 @@ pub mod tokenizer;
 
 pub use config::{Arch, ModelSpec};
 pub use error::ModelError;
-pub use expert_backend::{ExpertBackend, ExpertError, MoeBatch, MoeRequest, Pending};
+pub use expert_backend::{ExpertBackend, ExpertError, MoeBatch, MoeRequest, Pending, RejectCode};
 pub use experts::LocalExperts;
 pub use kv_cache::{KvPool, SeqCache};
 pub use linalg::WeightDtype;

@@ -38,9 +38,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::RemoteBackend;
+use crate::dispatch::RemoteBackend;
+use crate::dispatch::WorkerClient;
 use crate::metrics::RouterMetrics;
-use crate::remote::WorkerClient;
 
 /// Where the membership lives and how this router takes part.
 #[derive(Debug, Clone)]

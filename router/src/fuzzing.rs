@@ -124,7 +124,7 @@ pub fn placement_document(bytes: &[u8]) -> Result<PlacementDoc, String> {
         .enumerate()
         .map(|(i, id)| (id.clone(), i))
         .collect();
-    let routes = crate::backend::routes_of(&plan, &index);
+    let routes = crate::dispatch::routes_of(&plan, &index);
     for ((layer, expert), hosts) in &routes {
         assert!(
             spec.moe_layers().any(|l| l == *layer) && (*expert as usize) < spec.moe.num_experts

@@ -8,8 +8,8 @@
 //! - [`request`]: client request → validated `SequenceRequest`.
 //! - [`limits`]: every bound on what clients send and hold, checked at start-up.
 //! - [`scheduler`]: the engine thread with continuous batching.
-//! - [`backend`] and [`remote`]: the expert backends — device actors in this process, or
-//!   workers over gRPC.
+//! - [`dispatch`]: the expert backends — device actors in this process, or workers over
+//!   gRPC (partition, retries, routes, worker health, the worker client).
 //! - [`elastic`]: workers from the etcd membership, placement that follows it.
 //! - [`serve`]: wiring it all up, placement at start, graceful shutdown.
 //! - [`readiness`]: whether the router can serve now (health services, `/health`).
@@ -19,9 +19,9 @@
 //!   documents (`fuzz/`).
 
 pub mod api_keys;
-pub mod backend;
 pub mod chat_template;
 pub mod cluster_status;
+pub mod dispatch;
 pub mod elastic;
 pub mod error;
 #[doc(hidden)]
@@ -32,7 +32,6 @@ pub mod limits;
 pub mod load;
 pub mod metrics;
 pub mod readiness;
-pub mod remote;
 pub mod request;
 pub mod scheduler;
 pub mod serve;

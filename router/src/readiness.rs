@@ -18,7 +18,7 @@ use std::time::Duration;
 use moe_proto::v1::generation_server::GenerationServer;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::RemoteBackend;
+use crate::dispatch::RemoteBackend;
 use crate::grpc::Api;
 
 /// The health service name that reports liveness (SERVING while the process runs).

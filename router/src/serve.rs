@@ -16,8 +16,8 @@ use moe_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{DispatchConfig, LocalBackend, RemoteBackend};
 use crate::cluster_status::PlacementSource;
+use crate::dispatch::{DispatchConfig, LocalBackend, RemoteBackend};
 use crate::elastic::{self, EtcdMembership};
 use crate::grpc::Api;
 use crate::http::{router, HttpState};

@@ -28,9 +28,9 @@ use moe_proto::v1::InfoResponse;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::RemoteBackend;
+use crate::dispatch::RemoteBackend;
+use crate::dispatch::WorkerClient;
 use crate::metrics::RouterMetrics;
-use crate::remote::WorkerClient;
 use crate::serve::{ExpertSource, RouterConfig};
 
 /// How often the workers are asked what they host.

@@ -2,7 +2,8 @@
 //! the cause ([`WorkerError::kind`]); the gRPC edge (`server`) turns the kind into a
 //! status code once, without looking at message text.
 
-use moe_model::ModelError;
+use moe_model::{ExpertError, ModelError, RejectCode};
+use moe_proto::v1::WorkerErrorCode;
 
 /// Everything that can go wrong starting a node or changing what it hosts. Computing a
 /// MoE layer reports [`moe_model::ExpertError`] instead, the error the router already
@@ -58,9 +59,64 @@ impl WorkerError {
     }
 }
 
+/// The `error_code` a dispatch answer carries for a compute error, by variant. A device
+/// that did not answer in time is UNAVAILABLE to the router (another copy may answer);
+/// a rejection passed on keeps its code.
+pub fn wire_code(e: &ExpertError) -> WorkerErrorCode {
+    match e {
+        ExpertError::Invalid(_) => WorkerErrorCode::InvalidArgument,
+        ExpertError::NotHosted { .. } => WorkerErrorCode::NotHosted,
+        ExpertError::Deadline { .. } | ExpertError::Transport(_) | ExpertError::Unavailable(_) => {
+            WorkerErrorCode::Unavailable
+        }
+        ExpertError::Rejected { code, .. } => match code {
+            RejectCode::InvalidArgument => WorkerErrorCode::InvalidArgument,
+            RejectCode::NotHosted => WorkerErrorCode::NotHosted,
+            RejectCode::Unavailable | RejectCode::Other(_) => WorkerErrorCode::Unavailable,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compute_errors_get_their_wire_codes() {
+        let cases = [
+            (
+                ExpertError::Invalid("rows".into()),
+                WorkerErrorCode::InvalidArgument,
+                3,
+            ),
+            (
+                ExpertError::NotHosted {
+                    layer: 1,
+                    expert: 2,
+                },
+                WorkerErrorCode::NotHosted,
+                5,
+            ),
+            (
+                ExpertError::Deadline {
+                    who: "device cpu:0".into(),
+                    after: std::time::Duration::from_secs(1),
+                },
+                WorkerErrorCode::Unavailable,
+                14,
+            ),
+            (
+                ExpertError::Unavailable("restarting".into()),
+                WorkerErrorCode::Unavailable,
+                14,
+            ),
+        ];
+        for (e, code, n) in cases {
+            assert_eq!(wire_code(&e), code, "{e}");
+            // The numbers on the wire are the gRPC codes routers already read.
+            assert_eq!(wire_code(&e) as i32, n, "{e}");
+        }
+    }
 
     #[test]
     fn errors_are_classified_by_variant() {

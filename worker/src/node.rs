@@ -450,8 +450,16 @@ impl Node {
                         limits,
                     )
                     .await
-                    .map_err(|e| {
-                        ExpertError::Unavailable(format!("device {} {}", slot.name, describe(&e)))
+                    .map_err(|e| match e {
+                        CallError::TimedOut(after) => ExpertError::Deadline {
+                            who: format!("device {}", slot.name),
+                            after,
+                        },
+                        e => ExpertError::Unavailable(format!(
+                            "device {} {}",
+                            slot.name,
+                            describe(&e)
+                        )),
                     })
                     .and_then(|r| r);
                 (part.device, part.row_map, out)

@@ -4,9 +4,10 @@
 //! Dispatch streams: each stream gets a task that reads requests in order, answers each
 //! on a bounded channel feeding the response stream, and ends when the client closes its
 //! side or goes away (a failed send). A malformed request is answered with its
-//! `request_id` and a gRPC code in `error_code`; the stream stays open. Errors become
-//! codes here, once, by variant: INVALID_ARGUMENT (3), NOT_FOUND (5) for an expert not
-//! hosted here, UNAVAILABLE (14) for a device that failed or is restarting.
+//! `request_id` and a `WorkerErrorCode` in `error_code`; the stream stays open. Errors
+//! become codes once, by variant ([`crate::error::wire_code`]): INVALID_ARGUMENT (3),
+//! NOT_HOSTED (5) for an expert not hosted here, UNAVAILABLE (14) for a device that
+//! failed, is restarting or did not answer in time.
 //!
 //! Shutdown: cancelling the token turns health to NOT_SERVING (gRPC and HTTP), refuses
 //! new work, ends open dispatch streams after their current request (UNAVAILABLE, so the
@@ -23,17 +24,17 @@ use moe_proto::traceparent::{TraceParent, MAX_TRACEPARENTS_PER_DISPATCH};
 use moe_proto::v1::expert_service_server::{ExpertService, ExpertServiceServer};
 use moe_proto::v1::{
     DispatchRequest, DispatchResponse, InfoRequest, InfoResponse, LoadExpertsRequest,
-    LoadExpertsResponse, UnloadExpertsRequest, UnloadExpertsResponse,
+    LoadExpertsResponse, UnloadExpertsRequest, UnloadExpertsResponse, WorkerErrorCode,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::error::{ErrorKind, WorkerError};
+use crate::error::{wire_code, ErrorKind, WorkerError};
 use crate::metrics::Outcome;
 use crate::node::Node;
 use crate::wire::{self, RowDtype};
@@ -178,15 +179,22 @@ fn status_of(e: &WorkerError) -> Status {
 }
 
 /// The wire code and metric outcome of a compute error.
-fn classify(e: &ExpertError) -> (Code, Outcome) {
-    match e {
-        ExpertError::Invalid(_) => (Code::InvalidArgument, Outcome::Invalid),
-        ExpertError::NotHosted { .. } => (Code::NotFound, Outcome::NotHosted),
-        ExpertError::Unavailable(_) => (Code::Unavailable, Outcome::Unavailable),
-    }
+fn classify(e: &ExpertError) -> (WorkerErrorCode, Outcome) {
+    let code = wire_code(e);
+    let outcome = match code {
+        WorkerErrorCode::InvalidArgument => Outcome::Invalid,
+        WorkerErrorCode::NotHosted => Outcome::NotHosted,
+        WorkerErrorCode::Ok | WorkerErrorCode::Unavailable => Outcome::Unavailable,
+    };
+    (code, outcome)
 }
 
-fn error_response(request_id: u64, dtype: i32, code: Code, message: String) -> DispatchResponse {
+fn error_response(
+    request_id: u64,
+    dtype: i32,
+    code: WorkerErrorCode,
+    message: String,
+) -> DispatchResponse {
     DispatchResponse {
         request_id,
         output: Vec::new(),
@@ -246,7 +254,12 @@ async fn handle_dispatch_in_span(
         Err(e) => {
             tracing::debug!(request_id, error = %e, "invalid dispatch request");
             metrics.count_dispatch(Outcome::Invalid);
-            return error_response(request_id, raw_dtype, Code::InvalidArgument, e.to_string());
+            return error_response(
+                request_id,
+                raw_dtype,
+                WorkerErrorCode::InvalidArgument,
+                e.to_string(),
+            );
         }
     };
     metrics.dispatch_rows.inc_by(d.num_rows as u64);
@@ -263,7 +276,7 @@ async fn handle_dispatch_in_span(
                 output: wire::encode_rows(&out, dtype),
                 dtype: dtype.to_wire() as i32,
                 num_rows: u32::try_from(d.num_rows).unwrap_or(u32::MAX),
-                error_code: 0,
+                error_code: WorkerErrorCode::Ok as i32,
                 error_message: String::new(),
                 compute_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
             }

@@ -1,19 +1,19 @@
 //! A connection to one worker: one long-lived `Dispatch` stream carrying tagged requests,
 //! a reader task that hands each response to the call waiting for its `request_id`, and
-//! unary calls (`Info`, `LoadExperts`) on the same channel. Every call has a deadline; a
-//! broken stream fails every call in flight with `Unavailable` and is reopened by the
-//! next call.
+//! unary calls (`Info`, `LoadExperts`) on the same channel. Every call has a deadline
+//! (past it: `ExpertError::Deadline`); a broken stream fails every call in flight with
+//! `ExpertError::Transport` and is reopened by the next call.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moe_model::ExpertError;
+use moe_model::{ExpertError, RejectCode};
 use moe_proto::v1::expert_service_client::ExpertServiceClient;
 use moe_proto::v1::{
     DeviceAssignment, DispatchRequest, DispatchResponse, ExpertRef, InfoRequest, InfoResponse,
-    LoadExpertsRequest, UnloadExpertsRequest,
+    LoadExpertsRequest, UnloadExpertsRequest, WorkerErrorCode,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,8 +37,23 @@ pub struct WorkerClient {
     max_message_bytes: AtomicUsize,
 }
 
+/// No connection to the worker at `addr`, or its stream broke.
 fn unavailable(addr: &str, what: impl std::fmt::Display) -> ExpertError {
-    ExpertError::Unavailable(format!("worker {addr}: {what}"))
+    ExpertError::Transport(format!("worker {addr}: {what}"))
+}
+
+/// Why a worker refused a dispatch, from the raw `error_code` of its answer; `None`:
+/// it did not (OK). A number this build does not know is a refusal kept as it came
+/// (`RejectCode::Other`), never a success: the raw field is read, not prost's accessor,
+/// which would turn an unknown value into the default, OK.
+pub(crate) fn reject_code(raw: i32) -> Option<RejectCode> {
+    match WorkerErrorCode::try_from(raw) {
+        Ok(WorkerErrorCode::Ok) => None,
+        Ok(WorkerErrorCode::InvalidArgument) => Some(RejectCode::InvalidArgument),
+        Ok(WorkerErrorCode::NotHosted) => Some(RejectCode::NotHosted),
+        Ok(WorkerErrorCode::Unavailable) => Some(RejectCode::Unavailable),
+        Err(_) => Some(RejectCode::Other(raw)),
+    }
 }
 
 impl WorkerClient {
@@ -175,10 +190,10 @@ impl WorkerClient {
                         p.remove(&id);
                     }
                 }
-                Err(unavailable(
-                    &self.addr,
-                    format!("no response within {} ms", deadline.as_millis()),
-                ))
+                Err(ExpertError::Deadline {
+                    who: format!("worker {}", self.addr),
+                    after: deadline,
+                })
             }
         }
     }
@@ -254,4 +269,44 @@ fn to_assignments(assignments: Vec<(String, Vec<(usize, u32)>)>) -> Vec<DeviceAs
                 .collect(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_code_reads_back_as_what_the_worker_meant() {
+        let errors = [
+            ExpertError::Invalid("num_rows".into()),
+            ExpertError::NotHosted {
+                layer: 1,
+                expert: 4,
+            },
+            ExpertError::Unavailable("device cpu:0 failed and is restarting".into()),
+            ExpertError::Deadline {
+                who: "device cpu:0".into(),
+                after: Duration::from_secs(30),
+            },
+        ];
+        let want = [
+            RejectCode::InvalidArgument,
+            RejectCode::NotHosted,
+            RejectCode::Unavailable,
+            RejectCode::Unavailable,
+        ];
+        for (e, want) in errors.iter().zip(want) {
+            // What the worker puts on the wire, read by the router.
+            let raw = moe_worker::error::wire_code(e) as i32;
+            assert_eq!(reject_code(raw), Some(want), "{e}: code {raw}");
+        }
+        assert_eq!(reject_code(WorkerErrorCode::Ok as i32), None);
+    }
+
+    #[test]
+    fn an_unknown_code_from_the_wire_is_a_refusal_not_a_success() {
+        for raw in [1, 4, 13, 99, -1, i32::MIN, i32::MAX] {
+            assert_eq!(reject_code(raw), Some(RejectCode::Other(raw)), "{raw}");
+        }
+    }
 }
