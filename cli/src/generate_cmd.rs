@@ -183,6 +183,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             max_running: a.max_running.max(1),
             max_waiting: n_req.max(1),
             kv_capacity_tokens: a.kv_tokens,
+            test_panic_at_step: None,
         },
         metrics: RouterMetrics::new(),
     }

@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Requests allowed to wait; beyond that RESOURCE_EXHAUSTED / HTTP 429.
     #[arg(long, env = "MOE_MAX_WAITING", default_value_t = 256)]
     max_waiting: usize,
+    /// Test hook: the engine thread panics before its Nth step (what a dead engine does
+    /// to requests and health; tests/tests/engine_panic.rs).
+    #[arg(long, env = "MOE_TEST_ENGINE_PANIC_AT_STEP", hide = true)]
+    test_engine_panic_at_step: Option<u64>,
     /// KV cache capacity in tokens.
     #[arg(long, env = "MOE_KV_TOKENS", default_value_t = 1 << 17)]
     kv_tokens: usize,
@@ -393,6 +397,7 @@ pub fn run(a: ServeArgs, mode: Mode) -> anyhow::Result<()> {
             max_running: a.max_running,
             max_waiting: a.max_waiting.max(1),
             kv_capacity_tokens: a.kv_tokens,
+            test_panic_at_step: a.test_engine_panic_at_step,
         },
         dispatch: DispatchConfig {
             deadline: Duration::from_millis(a.dispatch_timeout_ms.max(1)),

@@ -10,7 +10,7 @@ use moe_control::{
     PlacementStore,
 };
 use serde_json::json;
-use support::{config, wait_until, within, Etcd, TcpProxy, DEADLINE};
+use support::{config, start_etcd, wait_until, within, TcpProxy, DEADLINE};
 
 async fn wait_leader(e: &Election) -> FencingToken {
     let what = format!("{} to lead", e.candidate());
@@ -26,7 +26,7 @@ async fn wait_leader(e: &Election) -> FencingToken {
 
 #[tokio::test]
 async fn one_leader_at_a_time_and_the_other_takes_over_after_resign() {
-    let etcd = Etcd::start().await;
+    let etcd = start_etcd();
     let cfg = config(&etcd.endpoint(), "e1");
     let view = watch_leader(cfg.clone());
     let mut leader = view.subscribe();
@@ -62,7 +62,7 @@ async fn one_leader_at_a_time_and_the_other_takes_over_after_resign() {
 
 #[tokio::test]
 async fn a_crashed_leader_is_replaced_after_its_lease_expires() {
-    let etcd = Etcd::start().await;
+    let etcd = start_etcd();
     let cfg = config(&etcd.endpoint(), "e2");
     let a = Election::campaign(cfg.clone(), "a", Duration::from_secs(2)).unwrap();
     let first = wait_leader(&a).await;
@@ -81,7 +81,7 @@ async fn a_crashed_leader_is_replaced_after_its_lease_expires() {
 
 #[tokio::test]
 async fn a_deposed_leaders_fenced_writes_are_refused() {
-    let etcd = Etcd::start().await;
+    let etcd = start_etcd();
     let proxy = TcpProxy::start(etcd.addr()).await;
     let cfg = config(&etcd.endpoint(), "e3");
     let etcd_client = EtcdClient::new(cfg.clone());

@@ -10,7 +10,7 @@ use std::time::Duration;
 use moe_control::{
     watch_load, watch_load_reports, ExpertKey, ExpertLoadReport, LoadReporter, RegistrationState,
 };
-use support::{config, wait_until, within, Etcd, TcpProxy, DEADLINE};
+use support::{config, start_etcd, wait_until, within, TcpProxy, DEADLINE};
 
 fn report(counts: &[(usize, u32, u64)]) -> ExpertLoadReport {
     ExpertLoadReport {
@@ -26,7 +26,7 @@ fn load(counts: &[((usize, u32), u64)]) -> BTreeMap<ExpertKey, u64> {
 
 #[tokio::test]
 async fn two_routers_are_summed_and_leave_the_sum_when_they_go() {
-    let etcd = Etcd::start().await;
+    let etcd = start_etcd();
     let cfg = config(&etcd.endpoint(), "l1");
     let view = watch_load(&cfg);
     let mut sum = view.subscribe();
@@ -69,7 +69,7 @@ async fn two_routers_are_summed_and_leave_the_sum_when_they_go() {
 
 #[tokio::test]
 async fn a_router_cut_off_past_its_ttl_drops_out_and_reports_again_on_return() {
-    let etcd = Etcd::start().await;
+    let etcd = start_etcd();
     let proxy = TcpProxy::start(etcd.addr()).await;
     let direct = config(&etcd.endpoint(), "l2");
     let mut sum = watch_load(&direct).subscribe();

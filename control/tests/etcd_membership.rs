@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use moe_control::{ConnectionState, EtcdRegistry, RegistrationState, Registry};
-use support::{config, record, wait_until, within, Etcd, TcpProxy, DEADLINE};
+use support::{config, record, start_etcd, wait_until, within, TcpProxy, DEADLINE};
 
 fn ids(m: &moe_control::Membership) -> Vec<&str> {
     m.keys().map(String::as_str).collect()
@@ -14,7 +14,7 @@ fn ids(m: &moe_control::Membership) -> Vec<&str> {
 
 #[tokio::test]
 async fn registration_appears_in_the_watch_and_revoke_removes_it_at_once() {
-    let etcd = Etcd::start().await;
+    let etcd = start_etcd();
     let registry = EtcdRegistry::new(config(&etcd.endpoint(), "m1"));
     let view = registry.watch_workers();
     let mut workers = view.subscribe();
@@ -43,7 +43,7 @@ async fn registration_appears_in_the_watch_and_revoke_removes_it_at_once() {
 
 #[tokio::test]
 async fn a_dropped_registration_expires_with_its_lease() {
-    let etcd = Etcd::start().await;
+    let etcd = start_etcd();
     let registry = EtcdRegistry::new(config(&etcd.endpoint(), "m2"));
     let mut workers = registry.watch_workers().subscribe();
     let stays = registry.register(record("stays"), DEADLINE * 2).unwrap();
@@ -72,7 +72,7 @@ async fn connect_to_an_unreachable_etcd_fails_fast_as_unavailable() {
 
 #[tokio::test]
 async fn the_watch_keeps_the_last_membership_while_etcd_is_down_then_resyncs() {
-    let mut etcd = Etcd::start().await;
+    let mut etcd = start_etcd();
     let registry = EtcdRegistry::new(config(&etcd.endpoint(), "m3"));
     let view = registry.watch_workers();
     let mut workers = view.subscribe();
@@ -96,7 +96,7 @@ async fn the_watch_keeps_the_last_membership_while_etcd_is_down_then_resyncs() {
     // b crashes while etcd is down: its lease must expire once etcd is back.
     drop(b);
 
-    etcd.restart().await;
+    etcd.restart();
     wait_until("the watch to reconnect", &mut connection, |c| {
         *c == ConnectionState::Connected
     })
@@ -118,7 +118,7 @@ async fn the_watch_keeps_the_last_membership_while_etcd_is_down_then_resyncs() {
 
 #[tokio::test]
 async fn a_worker_cut_off_past_its_ttl_registers_again_and_its_watch_resyncs() {
-    let etcd = Etcd::start().await;
+    let etcd = start_etcd();
     let proxy = TcpProxy::start(etcd.addr()).await;
     let direct = EtcdRegistry::new(config(&etcd.endpoint(), "m4"));
     let cut_off = EtcdRegistry::new(config(&proxy.endpoint(), "m4"));

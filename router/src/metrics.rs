@@ -36,6 +36,7 @@ pub const ETCD_CONNECTED: &str = "moe_etcd_connected";
 pub const PLACEMENTS_PUBLISHED: &str = "moe_placements_published_total";
 pub const SPLIT_STEPS: &str = "moe_split_steps_total";
 pub const READY: &str = "moe_router_ready";
+pub const ENGINE_STOPPED: &str = "moe_engine_stopped";
 pub const FINISHED: &str = "moe_requests_finished_total";
 pub const STEP_TOKENS: &str = "moe_engine_step_tokens";
 pub const STEP_SEQUENCES: &str = "moe_engine_step_sequences";
@@ -105,6 +106,7 @@ pub struct RouterMetrics {
     pub placements_published: IntCounter,
     pub split_steps: IntCounter,
     pub ready: IntGauge,
+    pub engine_stopped: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -187,6 +189,7 @@ impl RouterMetrics {
             placements_published: reg(&r, counter(PLACEMENTS_PUBLISHED, "Placements this router published as controller (with etcd), or re-placed on its static workers.")),
             split_steps: reg(&r, counter(SPLIT_STEPS, "Engine steps run as two micro-batches, so that one's expert dispatch overlaps the other's attention (--overlap).")),
             ready: reg(&r, int_gauge(READY, "1 while this router can serve: not draining, and every routed expert has a copy on a live worker (its readiness probe).")),
+            engine_stopped: reg(&r, int_gauge(ENGINE_STOPPED, "1 once the engine thread died (a panic): every request fails INTERNAL and the router is NOT_SERVING until restarted.")),
             registry: r,
         };
         if expert_detail {

@@ -5,17 +5,22 @@
 //! answering a cheap `Info` probe. A router whose sole copy of an expert died would
 //! otherwise keep answering health checks while every request fails UNAVAILABLE.
 //!
+//! A router whose engine thread died (a panic) is never ready again: every request
+//! would fail INTERNAL.
+//!
 //! The answer is published on `grpc.health.v1` (the overall service `""` and
 //! `moe.v1.Generation`) and on `GET /health`. Liveness is separate: the `liveness`
 //! health service stays SERVING while the process runs, so an orchestrator restarts a
-//! router only when it is wedged, never because a worker is away.
+//! router only when it is wedged (its engine thread died), never because a worker is
+//! away.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use moe_proto::v1::generation_server::GenerationServer;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::RemoteBackend;
@@ -35,6 +40,8 @@ pub struct Readiness {
     draining: AtomicBool,
     /// `None` when ready; else why not.
     not_ready: RwLock<Option<String>>,
+    /// Why the engine thread died, once it has ([`Readiness::follow_engine`]).
+    engine: OnceLock<watch::Receiver<Option<String>>>,
 }
 
 impl Readiness {
@@ -43,11 +50,26 @@ impl Readiness {
         Arc::new(Readiness {
             draining: AtomicBool::new(false),
             not_ready: RwLock::new(Some("starting".into())),
+            engine: OnceLock::new(),
         })
+    }
+
+    /// Counts the engine's death (`EngineHandle::watch_stopped`) against readiness, at
+    /// once and for good. Only the first call takes effect.
+    pub fn follow_engine(&self, stopped: watch::Receiver<Option<String>>) {
+        let _ = self.engine.set(stopped);
+    }
+
+    /// Why the engine thread died, once it has.
+    pub fn engine_stopped(&self) -> Option<String> {
+        self.engine.get().and_then(|rx| rx.borrow().clone())
     }
 
     /// Why the router cannot serve now, or `None` when it can.
     pub fn reason(&self) -> Option<String> {
+        if let Some(why) = self.engine_stopped() {
+            return Some(format!("the engine stopped: {why}"));
+        }
         if self.draining.load(Ordering::Acquire) {
             return Some("draining: shutting down".into());
         }
@@ -111,6 +133,8 @@ pub async fn run(
     health
         .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
         .await;
+    let mut engine = readiness.engine.get().cloned();
+    let mut engine_reported = false;
     loop {
         let reason = match &source {
             Source::Local { copies } => {
@@ -153,15 +177,35 @@ pub async fn run(
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
         }
-        if changed {
+        if let (false, Some(why)) = (engine_reported, readiness.engine_stopped()) {
+            tracing::error!(reason = %why, "not ready and not live: the engine stopped (NOT_SERVING until restarted)");
+            // A router without its engine never recovers: let the orchestrator restart it.
+            health
+                .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::NotServing)
+                .await;
+            engine_reported = true;
+        } else if changed {
             match &reason {
                 None => tracing::info!("ready: every expert has a live copy"),
                 Some(r) => tracing::warn!(reason = %r, "not ready"),
             }
         }
+        // The engine dying is published at once, not at the next tick.
+        let engine_died = async {
+            match engine.as_mut() {
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        // The engine ended normally (shutdown): nothing more to follow.
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(INTERVAL) => {}
+            _ = engine_died => {}
         }
     }
 }

@@ -322,6 +322,7 @@ pub async fn run_router(
     // NOT_SERVING until the first readiness evaluation (a few ms: one probe round).
     health.set_not_serving::<GenerationServer<Api>>().await;
     let readiness = Readiness::new();
+    readiness.follow_engine(engine.watch_stopped());
     let readiness_stop = CancellationToken::new();
     let readiness_task = tokio::spawn(readiness::run(
         ready_source,

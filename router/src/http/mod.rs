@@ -149,9 +149,17 @@ async fn health(State(s): State<HttpState>) -> Response {
     }
 }
 
-/// Liveness: 200 while the process serves HTTP at all.
-async fn live() -> &'static str {
-    "ok"
+/// Liveness: 200 while the process serves HTTP and its engine runs; 503 once the engine
+/// thread died (the router never recovers from that: restart it).
+async fn live(State(s): State<HttpState>) -> Response {
+    match s.readiness.engine_stopped() {
+        None => (StatusCode::OK, "ok").into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the engine stopped: {why}"),
+        )
+            .into_response(),
+    }
 }
 
 async fn cluster(State(s): State<HttpState>) -> Json<Value> {
