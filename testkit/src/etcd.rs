@@ -379,3 +379,26 @@ fn unchunk(mut rest: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_pads_like_the_standard() {
+        assert_eq!(super::base64(b"/a/b"), "L2EvYg==");
+        assert_eq!(super::base64(b"/moe"), "L21vZQ==");
+        assert_eq!(super::base64(b"abc"), "YWJj");
+        assert_eq!(super::base64(b"ab"), "YWI=");
+        assert_eq!(super::base64(b""), "");
+    }
+
+    #[test]
+    fn unbase64_inverts_base64() {
+        assert_eq!(super::unbase64("L2EvYg=="), b"/a/b");
+        assert_eq!(super::unbase64("YWI="), b"ab");
+        assert_eq!(super::unbase64(""), b"");
+        let all: Vec<u8> = (0..=255).collect();
+        for n in 0..all.len() {
+            assert_eq!(super::unbase64(&super::base64(&all[..n])), &all[..n]);
+        }
+    }
+}

@@ -9,14 +9,11 @@
 //! installs it.
 
 pub use moe_testkit::{free_port, Etcd, EtcdEntry};
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moe_proto::v1::GenerateResponse;
 use serde_json::Value;
@@ -201,28 +198,5 @@ pub fn assert_streams_match(what: &str, want: &[Vec<crate::Tok>], got: Batch, ma
         let toks = crate::streamed_tokens(&msgs);
         assert_eq!(toks.len(), max_tokens as usize, "{what}: request {i}");
         crate::assert_same_tokens(&format!("{what}: request {i}"), w, &toks, 1e-5);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_pads_like_the_standard() {
-        assert_eq!(super::base64(b"/a/b"), "L2EvYg==");
-        assert_eq!(super::base64(b"/moe"), "L21vZQ==");
-        assert_eq!(super::base64(b"abc"), "YWJj");
-        assert_eq!(super::base64(b"ab"), "YWI=");
-        assert_eq!(super::base64(b""), "");
-    }
-
-    #[test]
-    fn unbase64_inverts_base64() {
-        assert_eq!(super::unbase64("L2EvYg=="), b"/a/b");
-        assert_eq!(super::unbase64("YWI="), b"ab");
-        assert_eq!(super::unbase64(""), b"");
-        let all: Vec<u8> = (0..=255).collect();
-        for n in 0..all.len() {
-            assert_eq!(super::unbase64(&super::base64(&all[..n])), &all[..n]);
-        }
     }
 }

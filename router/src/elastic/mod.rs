@@ -46,8 +46,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::RemoteBackend;
-use crate::metrics::RouterMetrics;
 use crate::dispatch::WorkerClient;
+use crate::metrics::RouterMetrics;
 
 use controller::Controller;
 pub(crate) use placement_doc::decode_checked;
