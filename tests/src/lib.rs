@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod cluster;
 pub mod docker;
+pub mod health;
 pub mod http_client;
 pub mod netns;
 pub mod python;

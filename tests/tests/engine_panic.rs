@@ -6,47 +6,11 @@
 //! `moe_engine_stopped` is 1. The deadlines below only keep a broken build from hanging
 //! CI; nothing here waits on them when the router behaves.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
+use moe_tests::health::wait_grpc_health as wait_health;
 use moe_tests::{
     generation_client, http, metric_value, metrics, tiny_checkpoint, GreedyReq, Proc, PATIENCE,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
-
-async fn health(addr: SocketAddr, service: &str) -> ServingStatus {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_timeout(PATIENCE)
-        .connect()
-        .await
-        .expect("connect to the router");
-    let resp = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Health/Check {service:?}: {s:?}"))
-        .into_inner();
-    ServingStatus::try_from(resp.status).expect("a known status")
-}
-
-async fn wait_health(addr: SocketAddr, service: &str, want: ServingStatus) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let got = health(addr, service).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "health of {service:?} stayed {got:?}, expected {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_engine_fails_its_requests_and_turns_not_serving() {

@@ -4,45 +4,11 @@
 //! its liveness (`liveness` health service, `/health/live`) stays SERVING, so Kubernetes
 //! takes it out of the Service without restarting it.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
+use moe_tests::health::{grpc_health as health, wait_grpc_health as wait_health};
 use moe_tests::{http, metric_value, metrics, tiny_checkpoint, wait_until, Proc, PATIENCE};
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
-
-async fn health(addr: SocketAddr, service: &str) -> ServingStatus {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_timeout(PATIENCE)
-        .connect()
-        .await
-        .expect("connect to the router");
-    let resp = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Health/Check {service:?}: {s:?}"))
-        .into_inner();
-    ServingStatus::try_from(resp.status).expect("a known status")
-}
-
-async fn wait_health(addr: SocketAddr, service: &str, want: ServingStatus) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let got = health(addr, service).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "health of {service:?} stayed {got:?}, expected {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_live_copies_and_liveness_stays_serving() {
