@@ -1,14 +1,18 @@
 //! `moe bench engine`: decode throughput of the in-process engine at several batch sizes
 //! after a fixed-length prompt, and of candle-transformers' Mixtral on the same
-//! checkpoint in the same run (when the checkpoint is a Mixtral). Prints numbers; asserts
-//! nothing.
+//! checkpoint in the same run (when the checkpoint is a Mixtral), and the routed experts
+//! alone (one MoE layer's call over `batch` rows, on `--device`). Prints numbers;
+//! asserts nothing.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
 use moe_model::checkpoint::Checkpoint;
-use moe_model::{Arch, KvPool, LocalExperts, Model, ModelSpec, StepSeq, WeightDtype};
+use moe_model::experts::MoeRequest;
+use moe_model::{
+    Arch, ExpertBackend, ExpertStore, KvPool, LocalExperts, Model, ModelSpec, StepSeq, WeightDtype,
+};
 
 #[derive(clap::Args)]
 pub struct BenchEngineArgs {
@@ -32,6 +36,10 @@ pub struct BenchEngineArgs {
     /// Weight dtype of our engine.
     #[arg(long, env = "MOE_DTYPE", default_value = "f32")]
     dtype: WeightDtype,
+    /// The device the routed experts run on, named as for `moe worker --devices`:
+    /// `cpu:0` (our CPU kernel), `candle-cpu:0`, or `cuda:N` (a `cuda` build).
+    #[arg(long, env = "MOE_BENCH_DEVICE", default_value = "cpu:0")]
+    device: String,
     /// Skip the candle-transformers comparison.
     #[arg(long, env = "MOE_BENCH_NO_CANDLE")]
     no_candle: bool,
@@ -60,7 +68,7 @@ fn prompts(batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
 /// Our engine: returns (prefill tokens/s, decode tokens/s).
 fn ours(
     model: &Model,
-    experts: &LocalExperts,
+    experts: &dyn ExpertBackend,
     batch: usize,
     a: &BenchEngineArgs,
 ) -> anyhow::Result<(f64, f64)> {
@@ -96,6 +104,43 @@ fn ours(
     }
     let decode = (batch * a.decode_tokens) as f64 / t0.elapsed().as_secs_f64();
     Ok((prefill, decode))
+}
+
+/// The routed experts alone: one MoE layer's call over `batch` rows routed top-k over
+/// every expert, repeated over each MoE layer; returns rows/s.
+fn experts_alone(
+    spec: &ModelSpec,
+    experts: &dyn ExpertBackend,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    let (h, k, e) = (spec.hidden_size, spec.moe.top_k, spec.moe.num_experts);
+    let rows: Vec<f32> = (0..batch * h)
+        .map(|i| ((i * 2_654_435_761) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let ids: Vec<u32> = (0..batch * k)
+        .map(|i| ((i / k * 7 + i % k) % e) as u32)
+        .collect();
+    let weights = vec![1.0 / k as f32; batch * k];
+    let layers: Vec<usize> = spec.moe_layers().collect();
+    let call = |layer| {
+        experts.forward(&MoeRequest {
+            layer,
+            hidden: h,
+            top_k: k,
+            rows: &rows,
+            expert_ids: &ids,
+            weights: &weights,
+        })
+    };
+    call(layers[0])?; // warm up (a GPU compiles its kernels on first use)
+    let reps = 3;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        for &l in &layers {
+            call(l)?;
+        }
+    }
+    Ok((reps * layers.len() * batch) as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// candle-transformers' Mixtral on the same files: returns decode tokens/s.
@@ -159,10 +204,20 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
     let spec = ModelSpec::from_dir(&a.model)?;
     let ckpt = Checkpoint::open(&a.model, spec.fp8_block)?;
     let model = Model::load_from(&ckpt, spec.clone(), a.dtype)?;
-    let experts = LocalExperts::load(&ckpt, &spec, &LocalExperts::all_of(&spec), a.dtype)?;
+    let device = a
+        .device
+        .parse::<moe_worker::config::DeviceName>()
+        .context("--device")?;
+    let experts: Box<dyn ExpertStore> = device.open()?.load(
+        &ckpt,
+        &spec,
+        &LocalExperts::all_of(&spec),
+        a.dtype,
+        &moe_model::progress::quiet,
+    )?;
     let with_candle = !a.no_candle && spec.arch == Arch::Mixtral;
     crate::out!(
-        "engine bench: {} hidden {} layers {} experts {} top-{} vocab {}; weights {:?}; {} threads; prompt {} tokens, {} decode steps",
+        "engine bench: {} hidden {} layers {} experts {} top-{} vocab {}; weights {:?}; experts on {}; {} threads; prompt {} tokens, {} decode steps",
         spec.arch.hf_class(),
         spec.hidden_size,
         spec.num_layers,
@@ -170,25 +225,28 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         spec.moe.top_k,
         spec.vocab_size,
         a.dtype,
+        device,
         rayon::current_num_threads(),
         a.prompt_tokens,
         a.decode_tokens
     );
     crate::out!(
-        "{:>6} {:>16} {:>22} {:>20}",
+        "{:>6} {:>16} {:>22} {:>20} {:>18}",
         "batch",
         "moe decode tok/s",
         "candle decode tok/s",
-        "moe prefill tok/s"
+        "moe prefill tok/s",
+        "experts rows/s"
     );
     for &b in &a.batch {
-        let (prefill, ours) = ours(&model, &experts, b, &a)?;
+        let (prefill, ours) = ours(&model, &*experts, b, &a)?;
+        let alone = experts_alone(&spec, &*experts, b)?;
         let theirs = if with_candle {
             format!("{:.1}", candle_mixtral(&a.model, &spec, b, &a)?)
         } else {
             "n/a".to_owned()
         };
-        crate::out!("{b:>6} {ours:>16.1} {theirs:>22} {prefill:>20.0}");
+        crate::out!("{b:>6} {ours:>16.1} {theirs:>22} {prefill:>20.0} {alone:>18.0}");
     }
     Ok(())
 }

@@ -40,6 +40,10 @@ pub struct GenerateArgs {
     /// KV cache capacity in tokens.
     #[arg(long, env = "MOE_KV_TOKENS", default_value_t = 1 << 17)]
     kv_tokens: usize,
+    /// The device the routed experts run on, named as for `moe worker --devices`:
+    /// `cpu:0` (our CPU kernel), `candle-cpu:0`, or `cuda:N` (a `cuda` build).
+    #[arg(long, env = "MOE_GENERATE_DEVICE", default_value = "cpu:0")]
+    device: String,
 }
 
 /// One input line: a prompt form, `max_tokens`, `logprobs` and the sampling fields the
@@ -148,8 +152,21 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let ckpt = Checkpoint::open(&a.model, spec.fp8_block)?;
     let tok = Tokenizer::from_dir(&a.model)?;
     let started = std::time::Instant::now();
-    let model = Model::load_from(&ckpt, spec.clone(), a.dtype)?;
-    let experts = LocalExperts::load(&ckpt, &spec, &LocalExperts::all_of(&spec), a.dtype)?;
+    let model = {
+        let bar = crate::progress::LoadBar::new("dense weights");
+        Model::load_with_progress(&ckpt, spec.clone(), a.dtype, &|d, t| bar.report(d, t))?
+    };
+    let experts = {
+        let bar = crate::progress::LoadBar::new("experts");
+        let all = LocalExperts::all_of(&spec);
+        let device = a
+            .device
+            .parse::<moe_worker::config::DeviceName>()
+            .context("--device")?;
+        device
+            .open()?
+            .load(&ckpt, &spec, &all, a.dtype, &|d, t| bar.report(d, t))?
+    };
     tracing::info!(arch = ?spec.arch, dtype = ?a.dtype, secs = started.elapsed().as_secs_f32(), "model loaded");
 
     let file =
@@ -177,7 +194,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let engine = Engine {
         model: Arc::new(model),
         tokenizer: Arc::new(tok),
-        backend: Arc::new(experts),
+        backend: Arc::<dyn moe_model::ExpertStore>::from(experts),
         config: EngineConfig {
             max_batch_tokens: a.max_batch_tokens.max(1),
             max_running: a.max_running.max(1),

@@ -10,6 +10,7 @@ mod checkpoint_cmd;
 mod cluster_cmd;
 mod generate_cmd;
 mod limit_flags;
+mod progress;
 mod serve_cmd;
 mod signals;
 mod stdout;

@@ -40,6 +40,9 @@ pub enum ModelError {
     /// A forward step failed; every sequence in it gets this.
     #[error("the step failed: {0}")]
     StepFailed(String),
+    /// A device could not take or hold weights (e.g. a GPU out of memory).
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
     /// The expert backend could not compute a MoE layer (e.g. a worker is gone).
     #[error(transparent)]
     Expert(#[from] crate::expert_backend::ExpertError),

@@ -2,14 +2,17 @@
 //! for routed experts, shared experts and dense layers, and [`LocalExperts`], the
 //! in-process [`ExpertBackend`] (the seam itself is in [`crate::expert_backend`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::any::Any;
+use std::collections::HashMap;
 
 use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelSpec;
 use crate::error::ModelError;
+use crate::expert_store::{check_expert, group_rows, ExpertStore};
 use crate::linalg::{silu, Linear, WeightDtype};
+use crate::progress::Progress;
 
 pub use crate::expert_backend::{ExpertBackend, ExpertError, MoeRequest, NO_EXPERT};
 
@@ -72,28 +75,26 @@ impl LocalExperts {
         which: &[(usize, u32)],
         dtype: WeightDtype,
     ) -> Result<LocalExperts, ModelError> {
+        LocalExperts::load_with_progress(ckpt, spec, which, dtype, &crate::progress::quiet)
+    }
+
+    /// [`LocalExperts::load`], reporting the bytes read to `progress`.
+    pub fn load_with_progress(
+        ckpt: &Checkpoint,
+        spec: &ModelSpec,
+        which: &[(usize, u32)],
+        dtype: WeightDtype,
+        progress: Progress<'_>,
+    ) -> Result<LocalExperts, ModelError> {
         let names: Vec<String> = which
             .iter()
             .flat_map(|(l, e)| spec.expert_tensor_names(*l, *e as usize))
             .collect();
-        let bar = crate::model::progress_bar(ckpt.stored_bytes(&names), "experts");
+        let total = ckpt.stored_bytes(&names);
+        let mut done = 0;
         let mut experts = HashMap::with_capacity(which.len());
         for &(layer, e) in which {
-            if layer >= spec.num_layers || !spec.moe_layers().any(|l| l == layer) {
-                return Err(ModelError::InvalidInput {
-                    field: "experts",
-                    reason: format!("layer {layer} is not a MoE layer"),
-                });
-            }
-            if e as usize >= spec.moe.num_experts {
-                return Err(ModelError::InvalidInput {
-                    field: "experts",
-                    reason: format!(
-                        "expert {e} does not exist (the model has {})",
-                        spec.moe.num_experts
-                    ),
-                });
-            }
+            check_expert(spec, layer, e)?;
             let n = spec.expert_tensor_names(layer, e as usize);
             let ffn = Ffn::load(
                 ckpt,
@@ -102,10 +103,10 @@ impl LocalExperts {
                 spec.moe.intermediate_size,
                 dtype,
             )?;
-            bar.inc(ckpt.stored_bytes(&n));
+            done += ckpt.stored_bytes(&n);
+            progress(done, total);
             experts.insert((layer, e), ffn);
         }
-        bar.finish_and_clear();
         Ok(LocalExperts {
             hidden: spec.hidden_size,
             experts,
@@ -154,20 +155,7 @@ impl ExpertBackend for LocalExperts {
         }
         let h = self.hidden;
         let n = req.num_rows();
-        // expert → (row, weight), in row order; BTreeMap gives a fixed expert order.
-        let mut groups: BTreeMap<u32, Vec<(usize, f32)>> = BTreeMap::new();
-        for row in 0..n {
-            for s in 0..req.top_k {
-                let e = req.expert_ids[row * req.top_k + s];
-                if e == NO_EXPERT {
-                    continue;
-                }
-                groups
-                    .entry(e)
-                    .or_default()
-                    .push((row, req.weights[row * req.top_k + s]));
-            }
-        }
+        let groups = group_rows(req);
         let work: Vec<(&Ffn, &[(usize, f32)])> = groups
             .iter()
             .map(|(e, rows)| {
@@ -203,5 +191,33 @@ impl ExpertBackend for LocalExperts {
             }
         }
         Ok(out)
+    }
+}
+
+impl ExpertStore for LocalExperts {
+    fn hosted(&self) -> Vec<(usize, u32)> {
+        LocalExperts::hosted(self)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        LocalExperts::weight_bytes(self)
+    }
+
+    fn remove(&mut self, which: &[(usize, u32)]) {
+        LocalExperts::remove(self, which)
+    }
+
+    fn absorb(&mut self, other: Box<dyn ExpertStore>) -> Result<(), ExpertError> {
+        let other = other.into_any().downcast::<LocalExperts>().map_err(|_| {
+            ExpertError::Invalid(
+                "experts loaded for another device kind than the CPU kernel".into(),
+            )
+        })?;
+        self.extend(*other);
+        Ok(())
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
     }
 }

@@ -8,8 +8,6 @@
 
 use std::path::Path;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
 use crate::attention::{Attention, MlaAttention, SeqSpan, StandardAttention};
 use crate::checkpoint::Checkpoint;
 use crate::config::{
@@ -20,26 +18,11 @@ use crate::expert_backend::ExpertBackend;
 use crate::experts::Ffn;
 use crate::kv_cache::SeqCache;
 use crate::linalg::{rms_norm_rows, Linear, WeightDtype};
+use crate::progress::Progress;
 use crate::rope::Rope;
 use crate::routing::Gate;
 
 mod step;
-
-/// A progress bar over `bytes` for loading; hidden for small loads and when stderr is
-/// not a terminal (indicatif's own rule).
-pub(crate) fn progress_bar(bytes: u64, what: &str) -> ProgressBar {
-    if bytes < (256 << 20) {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(bytes);
-    if let Ok(style) = ProgressStyle::with_template(
-        "loading {msg} {bar:40} {binary_bytes}/{binary_total_bytes} ({eta})",
-    ) {
-        bar.set_style(style);
-    }
-    bar.set_message(what.to_owned());
-    bar
-}
 
 struct SharedExpert {
     ffn: Ffn,
@@ -81,13 +64,17 @@ pub struct Model {
 struct Loader<'a> {
     ckpt: &'a Checkpoint,
     dtype: WeightDtype,
-    bar: ProgressBar,
+    progress: Progress<'a>,
+    total: u64,
+    done: std::cell::Cell<u64>,
 }
 
 impl Loader<'_> {
     fn vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
         let v = self.ckpt.tensor_f32(name, shape)?;
-        self.bar.inc(self.ckpt.stored_bytes(&[name.to_owned()]));
+        let done = self.done.get() + self.ckpt.stored_bytes(&[name.to_owned()]);
+        self.done.set(done);
+        (self.progress)(done, self.total);
         Ok(v)
     }
 
@@ -130,12 +117,24 @@ impl Model {
         spec: ModelSpec,
         dtype: WeightDtype,
     ) -> Result<Model, ModelError> {
+        Model::load_with_progress(ckpt, spec, dtype, &crate::progress::quiet)
+    }
+
+    /// [`Model::load_from`], reporting the bytes read to `progress`.
+    pub fn load_with_progress(
+        ckpt: &Checkpoint,
+        spec: ModelSpec,
+        dtype: WeightDtype,
+        progress: Progress<'_>,
+    ) -> Result<Model, ModelError> {
         let h = spec.hidden_size;
         let approx = (spec.vocab_size * h * 4 * 2) as u64;
         let ld = Loader {
             ckpt,
             dtype,
-            bar: progress_bar(approx, "dense weights"),
+            progress,
+            total: approx,
+            done: std::cell::Cell::new(0),
         };
         let embed = Linear::new(
             ld.vec("model.embed_tokens.weight", &[spec.vocab_size, h])?,
@@ -219,7 +218,6 @@ impl Model {
         } else {
             Some(ld.linear("lm_head", spec.vocab_size, h)?)
         };
-        ld.bar.finish_and_clear();
         let rope = Rope::new(&spec.rope);
         Ok(Model {
             spec,

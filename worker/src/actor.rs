@@ -1,5 +1,5 @@
-//! The device actor: one per device, holding that device's experts ([`LocalExperts`]) in
-//! its state. Messages are handled one at a time, so a load never races a compute on the
+//! The device actor: one per device, holding that device's experts (an
+//! [`ExpertStore`]: the CPU kernel or a candle device) in its state. Messages are handled one at a time, so a load never races a compute on the
 //! same device; the math runs in `spawn_blocking` (it uses rayon inside) so the async
 //! runtime is never starved.
 //!
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use moe_model::experts::MoeRequest;
-use moe_model::{ExpertBackend, ExpertError, LocalExperts};
+use moe_model::{ExpertBackend, ExpertError, ExpertStore};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::error::WorkerError;
@@ -39,7 +39,7 @@ pub(crate) enum DeviceMsg {
     /// Adds experts already read from the checkpoint (by the caller, off this actor, so
     /// that a long read never stalls the device's computes).
     Install {
-        experts: LocalExperts,
+        experts: Box<dyn ExpertStore>,
         reply: RpcReplyPort<Result<(), WorkerError>>,
     },
     /// Drops experts.
@@ -65,7 +65,7 @@ pub(crate) struct DeviceState {
     index: usize,
     /// Shared with the blocking compute task; unique whenever a message is being handled
     /// that changes it (computes finish inside their own handler).
-    experts: Arc<LocalExperts>,
+    experts: Arc<dyn ExpertStore>,
 }
 
 impl DeviceState {
@@ -90,16 +90,19 @@ impl DeviceState {
         self.core.slots[self.index].set_hosted(hosted);
     }
 
-    fn install(&mut self, experts: LocalExperts) -> Result<(), WorkerError> {
+    fn install(&mut self, experts: Box<dyn ExpertStore>) -> Result<(), WorkerError> {
         let Some(mine) = Arc::get_mut(&mut self.experts) else {
             return Err(WorkerError::Actor(format!(
                 "device {}: experts are still in use by a compute",
                 self.name()
             )));
         };
-        mine.extend(experts);
+        let absorbed = mine.absorb(experts).map_err(|e| WorkerError::Unavailable {
+            device: self.name().to_owned(),
+            reason: e.to_string(),
+        });
         self.publish();
-        Ok(())
+        absorbed
     }
 
     fn unload(&mut self, experts: &[(usize, u32)]) {
@@ -155,14 +158,22 @@ impl DeviceState {
     }
 }
 
-/// Reads `which` from the node's checkpoint on a blocking thread (only their tensors).
+/// Reads `which` from the node's checkpoint onto device `index` on a blocking thread
+/// (only their tensors).
 pub(crate) async fn load_experts(
     core: &Arc<NodeCore>,
+    index: usize,
     which: Vec<(usize, u32)>,
-) -> Result<LocalExperts, WorkerError> {
+) -> Result<Box<dyn ExpertStore>, WorkerError> {
     let core = Arc::clone(core);
     tokio::task::spawn_blocking(move || {
-        LocalExperts::load(&core.ckpt, &core.spec, &which, core.dtype)
+        core.devices[index].load(
+            &core.ckpt,
+            &core.spec,
+            &which,
+            core.dtype,
+            &moe_model::progress::quiet,
+        )
     })
     .await
     .map_err(|e| WorkerError::Actor(format!("expert loading task failed: {e}")))?
@@ -179,11 +190,11 @@ impl Actor for DeviceActor {
         _myself: ActorRef<DeviceMsg>,
         args: DeviceArgs,
     ) -> Result<DeviceState, ActorProcessingErr> {
-        let experts = load_experts(&args.core, args.experts).await?;
+        let experts = load_experts(&args.core, args.index, args.experts).await?;
         let state = DeviceState {
             core: args.core,
             index: args.index,
-            experts: Arc::new(experts),
+            experts: Arc::from(experts),
         };
         state.publish();
         Ok(state)

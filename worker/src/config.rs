@@ -1,14 +1,21 @@
-//! What a node is started with: [`NodeConfig`], and device names (`cpu:0`, `cuda:1`)
-//! parsed and checked once, at start, into [`DeviceName`]s.
+//! What a node is started with: [`NodeConfig`], and device names parsed and checked
+//! once, at start, into [`DeviceName`]s, then opened into the [`StoreDevice`] that holds
+//! and computes each device's experts:
 //!
-//! Devices run on the CPU kernel of `moe-model`. Real CUDA support is out of scope: a
-//! `cuda:N` device is rejected unless the crate is built with the `cuda` feature, and
-//! even then its experts run on the CPU (the feature only reserves the name so that
-//! deployments and tests can be written against it).
+//! - `cpu:N`: the CPU kernel of `moe-model` ([`moe_model::LocalExperts`]);
+//! - `candle-cpu:N`: candle's CPU device ([`moe_model::CandleExperts`]), the same code
+//!   path as a GPU, so that a CPU-only machine runs and tests it for real;
+//! - `cuda:N`: candle on CUDA GPU N; needs a build with the `cuda` feature, and fails at
+//!   start, naming the device, if the GPU cannot be opened.
+//!
+//! The ordinal of `cpu` and `candle-cpu` devices only tells devices apart (all of them
+//! share the process's cores).
 
 use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
+
+use moe_model::StoreDevice;
 
 use crate::error::WorkerError;
 
@@ -17,8 +24,8 @@ use crate::error::WorkerError;
 pub struct NodeConfig {
     /// Hugging Face checkpoint directory (`config.json`, `*.safetensors`).
     pub model_dir: PathBuf,
-    /// Device names, e.g. `["cpu:0", "cpu:1"]`. `cuda:N` needs the `cuda` feature (a
-    /// placeholder: real CUDA support is out of scope and such devices compute on the CPU).
+    /// Device names, e.g. `["cpu:0", "cpu:1"]`, `["candle-cpu:0"]`, `["cuda:0"]` (the
+    /// last needs the `cuda` feature).
     pub devices: Vec<String>,
     /// Storage precision of the loaded expert weights.
     pub dtype: moe_model::WeightDtype,
@@ -32,8 +39,11 @@ pub struct NodeConfig {
 /// The kind of a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceKind {
+    /// The CPU kernel of `moe-model`.
     Cpu,
-    /// Accepted only with the `cuda` feature; computes on the CPU (placeholder).
+    /// candle's CPU device.
+    CandleCpu,
+    /// candle on a CUDA GPU; accepted only with the `cuda` feature.
     Cuda,
 }
 
@@ -48,6 +58,7 @@ impl fmt::Display for DeviceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             DeviceKind::Cpu => "cpu",
+            DeviceKind::CandleCpu => "candle-cpu",
             DeviceKind::Cuda => "cuda",
         };
         write!(f, "{kind}:{}", self.ordinal)
@@ -71,13 +82,35 @@ impl std::str::FromStr for DeviceName {
             .map_err(|_| bad("the ordinal after `:` must be a non-negative integer"))?;
         let kind = match kind {
             "cpu" => DeviceKind::Cpu,
+            "candle-cpu" => DeviceKind::CandleCpu,
             "cuda" if cfg!(feature = "cuda") => DeviceKind::Cuda,
             "cuda" => return Err(bad(
                 "CUDA devices need a build with the `cuda` feature (not enabled in this binary)",
             )),
-            _ => return Err(bad("unknown device kind (expected cpu or cuda)")),
+            _ => {
+                return Err(bad(
+                    "unknown device kind (expected cpu, candle-cpu or cuda)",
+                ))
+            }
         };
         Ok(DeviceName { kind, ordinal })
+    }
+}
+
+impl DeviceName {
+    /// Opens the device its experts will live on. A GPU that cannot be opened (no
+    /// driver, no such ordinal) is an error naming the device.
+    pub fn open(&self) -> Result<StoreDevice, WorkerError> {
+        match self.kind {
+            DeviceKind::Cpu => Ok(StoreDevice::CpuKernel),
+            DeviceKind::CandleCpu => Ok(StoreDevice::Candle(candle_core::Device::Cpu)),
+            DeviceKind::Cuda => candle_core::Device::new_cuda(self.ordinal as usize)
+                .map(StoreDevice::Candle)
+                .map_err(|e| WorkerError::InvalidDevice {
+                    device: self.to_string(),
+                    reason: format!("cannot open the GPU: {e}"),
+                }),
+        }
     }
 }
 
@@ -114,9 +147,13 @@ mod tests {
 
     #[test]
     fn parses_cpu_devices() {
-        let d = parse_devices(&names(&["cpu:0", "cpu:1"])).unwrap();
-        assert_eq!(d.len(), 2);
+        let d = parse_devices(&names(&["cpu:0", "cpu:1", "candle-cpu:0"])).unwrap();
+        assert_eq!(d.len(), 3);
         assert_eq!(d[1].to_string(), "cpu:1");
+        assert_eq!(d[2].kind, DeviceKind::CandleCpu);
+        assert_eq!(d[2].to_string(), "candle-cpu:0");
+        assert!(matches!(d[0].open().unwrap(), StoreDevice::CpuKernel));
+        assert!(matches!(d[2].open().unwrap(), StoreDevice::Candle(_)));
     }
 
     #[test]
@@ -127,6 +164,8 @@ mod tests {
             vec!["cpu"],
             vec!["cpu:-1"],
             vec!["tpu:0"],
+            vec!["candle-cpu"],
+            vec!["candle-cpu:0", "candle-cpu:0"],
         ] {
             let err = parse_devices(&names(&bad)).unwrap_err();
             assert!(matches!(err, WorkerError::InvalidDevice { .. }), "{bad:?}");
@@ -141,6 +180,19 @@ mod tests {
         } else {
             let msg = r.unwrap_err().to_string();
             assert!(msg.contains("cuda"), "{msg}");
+        }
+    }
+
+    /// Without a GPU (every machine the tests run on), opening `cuda:N` is an error
+    /// that names the device, not a panic.
+    #[test]
+    fn a_gpu_that_cannot_be_opened_is_named() {
+        let d = DeviceName {
+            kind: DeviceKind::Cuda,
+            ordinal: 7,
+        };
+        if let Err(e) = d.open() {
+            assert!(e.to_string().contains("cuda:7"), "{e}");
         }
     }
 }

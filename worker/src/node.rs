@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use moe_model::checkpoint::Checkpoint;
 use moe_model::experts::MoeRequest;
-use moe_model::{ExpertError, ModelSpec, WeightDtype};
+use moe_model::{ExpertError, ModelSpec, StoreDevice, WeightDtype};
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinSet;
 
@@ -47,6 +47,8 @@ pub(crate) struct NodeCore {
     pub ckpt: Arc<Checkpoint>,
     pub dtype: WeightDtype,
     pub slots: Vec<DeviceSlot>,
+    /// Where each device's experts live, by device index.
+    pub devices: Vec<StoreDevice>,
     pub metrics: Arc<WorkerMetrics>,
     /// Set by [`Node::stop`]: the supervisor no longer restarts actors.
     pub stopping: AtomicBool,
@@ -104,6 +106,10 @@ impl Node {
     pub async fn start(cfg: NodeConfig) -> Result<Node, WorkerError> {
         let devices = parse_devices(&cfg.devices)?;
         let names: Vec<String> = devices.iter().map(ToString::to_string).collect();
+        let stores = devices
+            .iter()
+            .map(|d| d.open())
+            .collect::<Result<Vec<_>, _>>()?;
         let dir = cfg.model_dir.clone();
         let (spec, ckpt) = tokio::task::spawn_blocking(move || {
             let spec = ModelSpec::from_dir(&dir)?;
@@ -119,6 +125,7 @@ impl Node {
             ckpt: Arc::new(ckpt),
             dtype: cfg.dtype,
             slots: names.iter().cloned().map(DeviceSlot::new).collect(),
+            devices: stores,
             metrics: Arc::new(metrics),
             stopping: AtomicBool::new(false),
         });
@@ -292,7 +299,7 @@ impl Node {
                 if missing.is_empty() {
                     return Ok(());
                 }
-                let loaded = load_experts(&node.inner.core, missing).await?;
+                let loaded = load_experts(&node.inner.core, device, missing).await?;
                 let limits = CallLimits {
                     ready_wait: READY_WAIT,
                     answer: INSTALL_TIMEOUT,
