@@ -230,6 +230,13 @@ pub fn run(a: BenchEngineArgs) -> anyhow::Result<()> {
         a.prompt_tokens,
         a.decode_tokens
     );
+    let hosted = experts.hosted().len().max(1);
+    crate::out!(
+        "memory: {:.2} MB per routed expert ({} experts, {:.1} MB in all)",
+        experts.weight_bytes() as f64 / hosted as f64 / 1e6,
+        experts.hosted().len(),
+        experts.weight_bytes() as f64 / 1e6
+    );
     crate::out!(
         "{:>6} {:>16} {:>22} {:>20} {:>18}",
         "batch",

@@ -10,7 +10,13 @@
 //! numbers alone or batched with others.
 //!
 //! Weights may be stored as f32 or bf16 (converted in registers while loading: half the
-//! bytes to read, which is what batch-1 decoding is bound by).
+//! bytes to read, which is what batch-1 decoding is bound by), or as int8 blocks with a
+//! scale per 32 weights ([`q8`]: activations are quantised per row at the start of the
+//! product, int8 × int8 dot products in i32; the same batch invariance holds).
+
+mod q8;
+#[cfg(target_arch = "x86_64")]
+mod q8_x86;
 
 use rayon::prelude::*;
 
@@ -19,6 +25,8 @@ use rayon::prelude::*;
 pub enum WeightDtype {
     F32,
     Bf16,
+    /// Int8 blocks of 32 with a bf16 scale each (≈ 1.06 bytes per weight).
+    Int8,
 }
 
 impl std::str::FromStr for WeightDtype {
@@ -27,7 +35,10 @@ impl std::str::FromStr for WeightDtype {
         match s {
             "f32" => Ok(WeightDtype::F32),
             "bf16" => Ok(WeightDtype::Bf16),
-            other => Err(format!("unknown dtype `{other}` (expected f32 or bf16)")),
+            "int8" => Ok(WeightDtype::Int8),
+            other => Err(format!(
+                "unknown dtype `{other}` (expected f32, bf16 or int8)"
+            )),
         }
     }
 }
@@ -35,6 +46,7 @@ impl std::str::FromStr for WeightDtype {
 enum Weights {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
+    Int8(q8::Q8Matrix),
 }
 
 /// A linear layer `[in] → [out]`.
@@ -59,20 +71,19 @@ impl Linear {
         dtype: WeightDtype,
     ) -> Linear {
         debug_assert_eq!(w.len(), out_dim * in_dim);
-        let w = match dtype {
-            WeightDtype::F32 => Weights::F32(w),
-            WeightDtype::Bf16 => Weights::Bf16(
-                w.iter()
-                    .map(|v| half::bf16::from_f32(*v).to_bits())
-                    .collect(),
-            ),
-        };
-        Linear {
-            out_dim,
-            in_dim,
-            w,
-            bias,
+        if dtype == WeightDtype::F32 {
+            return Linear {
+                out_dim,
+                in_dim,
+                w: Weights::F32(w),
+                bias,
+            };
         }
+        let mut b = LinearBuilder::new(out_dim, in_dim, dtype);
+        for row in w.chunks_exact(in_dim.max(1)) {
+            b.push_row(row);
+        }
+        b.finish(bias)
     }
 
     pub fn out_dim(&self) -> usize {
@@ -88,6 +99,7 @@ impl Linear {
         match &self.w {
             Weights::F32(v) => v.len() * 4,
             Weights::Bf16(v) => v.len() * 2,
+            Weights::Int8(q) => q.bytes(),
         }
     }
 
@@ -102,6 +114,7 @@ impl Linear {
                     *o = bf16_to_f32(*b);
                 }
             }
+            Weights::Int8(q) => q.dequantise_row(r, out),
         }
     }
 
@@ -113,11 +126,16 @@ impl Linear {
             return Vec::new();
         }
         let mut y = vec![0f32; m * n];
+        let xq = match &self.w {
+            Weights::Int8(q) => Some(q8::quantise_rows(x, m, self.in_dim, q.kp)),
+            _ => None,
+        };
+        let xq = xq.as_ref();
         let threads = rayon::current_num_threads().max(1);
         let out = OutPtr(y.as_mut_ptr());
         if n * self.in_dim * m < PARALLEL_MIN_WORK || threads == 1 {
             // SAFETY: `y` holds m × n floats; rows 0..n of every token are in bounds.
-            unsafe { self.rows_into(0..n, x, m, out) };
+            unsafe { self.rows_into(0..n, x, xq, m, out) };
         } else {
             // Several blocks per thread so that an uneven split still balances.
             let block = (n.div_ceil(threads * 4)).div_ceil(4) * 4;
@@ -125,7 +143,7 @@ impl Linear {
                 let rows = i * block..((i + 1) * block).min(n);
                 // SAFETY: blocks are disjoint row ranges, so no two tasks write the same
                 // element; all indices are inside `y`, which outlives the loop.
-                unsafe { self.rows_into(rows, x, m, out) };
+                unsafe { self.rows_into(rows, x, xq, m, out) };
             });
         }
         if let Some(b) = &self.bias {
@@ -139,8 +157,16 @@ impl Linear {
     }
 
     /// # Safety
-    /// `out` points at an `[m, out_dim]` buffer; no other thread writes `rows`.
-    unsafe fn rows_into(&self, rows: std::ops::Range<usize>, x: &[f32], m: usize, out: OutPtr) {
+    /// `out` points at an `[m, out_dim]` buffer; no other thread writes `rows`. `xq` is
+    /// `x` quantised, for int8 weights.
+    unsafe fn rows_into(
+        &self,
+        rows: std::ops::Range<usize>,
+        x: &[f32],
+        xq: Option<&q8::Q8Rows>,
+        m: usize,
+        out: OutPtr,
+    ) {
         let k = self.in_dim;
         let n = self.out_dim;
         let base = out.0.add(rows.start);
@@ -163,6 +189,60 @@ impl Linear {
                 }
                 portable::rows(w, x, k, m, base, n, |v: &u16| bf16_to_f32(*v));
             }
+            Weights::Int8(q) => {
+                let Some(xq) = xq else {
+                    unreachable!("forward quantises x for int8 weights")
+                };
+                q8::rows_into(*Q8_KERNEL, q, rows, xq, base, n);
+            }
+        }
+    }
+}
+
+/// The int8 kernel for this CPU, chosen once.
+static Q8_KERNEL: std::sync::LazyLock<q8::Kernel> = std::sync::LazyLock::new(q8::Kernel::best);
+
+/// Builds a [`Linear`] one weight row at a time, so that a checkpoint tensor can be
+/// converted to its storage type without a whole f32 copy of it.
+pub struct LinearBuilder {
+    out_dim: usize,
+    in_dim: usize,
+    w: Weights,
+}
+
+impl LinearBuilder {
+    pub fn new(out_dim: usize, in_dim: usize, dtype: WeightDtype) -> LinearBuilder {
+        let w = match dtype {
+            WeightDtype::F32 => Weights::F32(Vec::with_capacity(out_dim * in_dim)),
+            WeightDtype::Bf16 => Weights::Bf16(Vec::with_capacity(out_dim * in_dim)),
+            WeightDtype::Int8 => Weights::Int8(q8::Q8Matrix::with_capacity(out_dim, in_dim)),
+        };
+        LinearBuilder { out_dim, in_dim, w }
+    }
+
+    /// Appends the next weight row (`in_dim` values).
+    pub fn push_row(&mut self, row: &[f32]) {
+        debug_assert_eq!(row.len(), self.in_dim);
+        match &mut self.w {
+            Weights::F32(v) => v.extend_from_slice(row),
+            Weights::Bf16(v) => v.extend(row.iter().map(|x| half::bf16::from_f32(*x).to_bits())),
+            Weights::Int8(q) => q.push_row(row),
+        }
+    }
+
+    /// The layer, once all `out_dim` rows are in.
+    pub fn finish(self, bias: Option<Vec<f32>>) -> Linear {
+        let rows = match &self.w {
+            Weights::F32(v) => v.len() / self.in_dim.max(1),
+            Weights::Bf16(v) => v.len() / self.in_dim.max(1),
+            Weights::Int8(q) => q.rows(),
+        };
+        debug_assert_eq!(rows, self.out_dim, "rows pushed");
+        Linear {
+            out_dim: self.out_dim,
+            in_dim: self.in_dim,
+            w: self.w,
+            bias,
         }
     }
 }
@@ -512,6 +592,38 @@ mod tests {
         let den: f32 = a.iter().map(|p| p * p).sum();
         assert!((num / den).sqrt() < 1e-2);
         assert_ne!(a, b, "bf16 rounding must actually happen");
+    }
+
+    #[test]
+    fn int8_rows_are_bit_identical_alone_or_in_a_batch_of_8() {
+        let (n, k, m) = (700, 520, 8);
+        let lin = Linear::new(data(n * k, 8), n, k, Some(data(n, 9)), WeightDtype::Int8);
+        let x = data(m * k, 10);
+        let all = lin.forward(&x, m);
+        for t in 0..m {
+            let one = lin.forward(&x[t * k..(t + 1) * k], 1);
+            let same = all[t * n..(t + 1) * n]
+                .iter()
+                .zip(&one)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "row {t}");
+        }
+        let f = Linear::new(data(n * k, 8), n, k, Some(data(n, 9)), WeightDtype::F32);
+        let want = f.forward(&x, m);
+        let num: f32 = want.iter().zip(&all).map(|(p, q)| (p - q) * (p - q)).sum();
+        let den: f32 = want.iter().map(|p| p * p).sum();
+        assert!(
+            (num / den).sqrt() < 2e-2,
+            "int8 vs f32: {}",
+            (num / den).sqrt()
+        );
+        assert!(lin.weight_bytes() * 3 < f.weight_bytes());
+        let mut row = vec![0f32; k];
+        lin.row(3, &mut row);
+        assert!(row
+            .iter()
+            .zip(&data(n * k, 8)[3 * k..])
+            .all(|(a, b)| (a - b).abs() < 1e-2));
     }
 
     #[test]
