@@ -1,6 +1,7 @@
 //! `moe`: the one binary of moe-cluster. Thin by design: each subcommand parses its
 //! flags into a typed config and calls the libraries.
 
+mod bench_agreement;
 mod bench_engine;
 mod bench_proxy;
 mod bench_serve;
@@ -78,6 +79,8 @@ enum Command {
 enum BenchCommand {
     /// Decode throughput of the engine in-process, side by side with candle-transformers.
     Engine(bench_engine::BenchEngineArgs),
+    /// How close a lower precision (int8, bf16) stays to f32 on a checkpoint.
+    Agreement(bench_agreement::BenchAgreementArgs),
     /// Load-test a running router over gRPC: throughput, TTFT, inter-token and end-to-end latency.
     Serve(bench_serve::BenchServeArgs),
     /// A TCP proxy that adds a one-way delay (and optionally a bandwidth cap), to put an
@@ -111,6 +114,7 @@ fn main() {
         Command::Worker(args) => worker_cmd::run(args),
         Command::Bench { command } => match command {
             BenchCommand::Engine(args) => bench_engine::run(args),
+            BenchCommand::Agreement(args) => bench_agreement::run(args),
             BenchCommand::Serve(args) => bench_serve::run(args),
             BenchCommand::Proxy(args) => bench_proxy::run(args),
         },

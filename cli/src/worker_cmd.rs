@@ -47,9 +47,14 @@ pub struct WorkerArgs {
     /// Worker identifier (default: derived from the advertised address).
     #[arg(long, env = "MOE_WORKER_ID")]
     worker_id: Option<String>,
-    /// Storage precision of loaded expert weights: f32 or bf16.
+    /// Storage precision of loaded expert weights: f32, bf16 or int8 (blocks of 32
+    /// weights with a scale; CPU kernel devices only).
     #[arg(long, env = "MOE_DTYPE", default_value = "f32")]
     dtype: WeightDtype,
+    /// Compute threads of each device that computes on this host (`cpu:N`,
+    /// `candle-cpu:N`); default: the available cores split evenly between them.
+    #[arg(long, env = "MOE_THREADS_PER_DEVICE")]
+    threads_per_device: Option<usize>,
     /// On SIGTERM/SIGINT, how long in-flight work may take to finish.
     #[arg(long, env = "MOE_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     drain_timeout_secs: u64,
@@ -183,11 +188,12 @@ fn check_config(args: &WorkerArgs) -> anyhow::Result<()> {
         "worker_id": args.worker_id.clone().unwrap_or_else(|| moe_control::id_from_address("worker", &advertise)),
         "model": model,
         "devices": args.devices,
-        "dtype": format!("{:?}", args.dtype).to_lowercase(),
+        "dtype": args.dtype.as_str(),
         "etcd": args.etcd,
         "cluster": args.cluster,
         "lease_ttl_secs": args.lease_ttl_secs,
         "capacity_mib": args.capacity_mib,
+        "threads_per_device": args.threads_per_device,
         "drain_timeout_secs": args.drain_timeout_secs,
         "leave_timeout_secs": args.leave_timeout_secs,
         "mutual_tls": tls.is_some(),
@@ -271,6 +277,8 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         dtype: args.dtype,
         worker_id: worker_id.clone(),
         test_panic_at_compute: args.test_panic_at_compute,
+        threads_per_device: args.threads_per_device,
+        capacity_bytes: args.capacity_mib.saturating_mul(1 << 20),
     })
     .await
     .context("starting the worker node")?;
@@ -288,11 +296,15 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
             worker_id: worker_id.clone(),
             address: advertise.clone(),
             devices: node
-                .device_names()
+                .info()
+                .devices
                 .into_iter()
-                .map(|name| DeviceRecord {
-                    name,
-                    capacity_bytes: args.capacity_mib.saturating_mul(1 << 20),
+                .map(|d| DeviceRecord {
+                    name: d.name,
+                    capacity_bytes: d.capacity_bytes,
+                    kind: d.kind.to_owned(),
+                    dtype: d.dtype.as_str().to_owned(),
+                    expert_bytes: d.bytes_per_expert,
                 })
                 .collect(),
             version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -26,6 +26,17 @@ pub struct DeviceRecord {
     pub name: String,
     /// Bytes available for expert weights; 0 means unlimited.
     pub capacity_bytes: u64,
+    /// What computes its experts: `cpu` (the CPU kernel), `candle-cpu`, `cuda` (empty
+    /// from workers older than this field).
+    #[serde(default)]
+    pub kind: String,
+    /// The precision its experts are stored in: `f32`, `bf16`, `int8` (empty: unknown).
+    #[serde(default)]
+    pub dtype: String,
+    /// Bytes one expert takes on it, at that precision; the planner sizes the device by
+    /// it (0, from older workers: the model's f32 size).
+    #[serde(default)]
+    pub expert_bytes: u64,
 }
 
 /// What a worker announces about itself.
@@ -234,6 +245,9 @@ pub(crate) mod tests {
             devices: vec![DeviceRecord {
                 name: "cpu:0".into(),
                 capacity_bytes: 1 << 30,
+                kind: "cpu".into(),
+                dtype: "int8".into(),
+                expert_bytes: 1234,
             }],
             version: "0.1.0".into(),
             draining: false,
@@ -247,7 +261,17 @@ pub(crate) mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"worker_id\":\"w0\""), "{json}");
         assert!(json.contains("\"capacity_bytes\":1073741824"), "{json}");
+        assert!(json.contains("\"dtype\":\"int8\""), "{json}");
         assert_eq!(serde_json::from_str::<WorkerRecord>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn a_record_from_before_device_kinds_still_reads() {
+        let json = r#"{"worker_id":"w0","address":"a:1","version":"0.1.0",
+            "devices":[{"name":"cpu:0","capacity_bytes":0}]}"#;
+        let r: WorkerRecord = serde_json::from_str(json).unwrap();
+        assert_eq!(r.devices[0].expert_bytes, 0);
+        assert_eq!(r.devices[0].dtype, "");
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct DeviceSlot {
     pub device: String,
     /// Bytes available for expert weights; 0 means unlimited.
     pub capacity_bytes: u64,
+    /// Bytes one expert takes on this device, at the device's own precision (an int8
+    /// device holds about a quarter of what an f32 one does in the same memory); 0 means
+    /// [`PlanInput::expert_bytes`].
+    pub expert_bytes: u64,
 }
 
 /// What the planner needs.
@@ -51,7 +55,8 @@ pub struct DeviceSlot {
 pub struct PlanInput<'a> {
     /// Every routed expert of the model.
     pub experts: &'a [ExpertKey],
-    /// Bytes of one expert's weights (all experts of a model are the same size).
+    /// Bytes of one expert's weights on a device that does not say its own
+    /// ([`DeviceSlot::expert_bytes`] 0; all experts of a model are the same size).
     pub expert_bytes: u64,
     /// Devices to place on, in a stable order.
     pub devices: &'a [DeviceSlot],
@@ -135,10 +140,16 @@ pub fn plan(input: &PlanInput<'_>) -> Result<PlacementPlan, PlacementError> {
     if n == 0 {
         return Err(PlacementError::NoDevices);
     }
-    let eb = input.expert_bytes.max(1);
+    // The plan counts experts per device (`used`, the shares); bytes only decide what
+    // fits, each device at its own precision.
+    let eb = 1;
     let fits = |d: usize, used: u64| {
-        let cap = input.devices[d].capacity_bytes;
-        cap == 0 || used + eb <= cap
+        let slot = &input.devices[d];
+        let bytes = match slot.expert_bytes {
+            0 => input.expert_bytes.max(1),
+            b => b,
+        };
+        slot.capacity_bytes == 0 || (used + 1).saturating_mul(bytes) <= slot.capacity_bytes
     };
     // Load-aware only when there is both a load and room for extra copies: otherwise the
     // plan is exactly the load-blind one.
@@ -294,7 +305,7 @@ fn add_hot_copies(
     used: &mut [u64],
     fits: impl Fn(usize, u64) -> bool,
 ) {
-    let mut lay = Layout::new(hosted, used, load, input.expert_bytes.max(1));
+    let mut lay = Layout::new(hosted, used, load);
     let n = lay.hosted.len();
     let fits = |lay: &Layout<'_>, d: usize| fits(d, lay.used[d]);
     // The previous plan's copies of experts with tokens, where there is room, within
@@ -389,9 +400,9 @@ const TOLERANCE: f64 = 1e-9;
 /// which copies came and went.
 struct Layout<'h> {
     hosted: &'h mut [BTreeSet<ExpertKey>],
+    /// Experts per device.
     used: &'h mut [u64],
     load: &'h BTreeMap<ExpertKey, u64>,
-    expert_bytes: u64,
     copies: BTreeMap<ExpertKey, usize>,
     loads: Vec<f64>,
 }
@@ -415,7 +426,6 @@ impl<'h> Layout<'h> {
         hosted: &'h mut [BTreeSet<ExpertKey>],
         used: &'h mut [u64],
         load: &'h BTreeMap<ExpertKey, u64>,
-        expert_bytes: u64,
     ) -> Self {
         let copies = copy_counts(&*hosted);
         let loads = hosted
@@ -426,7 +436,6 @@ impl<'h> Layout<'h> {
             hosted,
             used,
             load,
-            expert_bytes,
             copies,
             loads,
         }
@@ -457,7 +466,7 @@ impl<'h> Layout<'h> {
 
     fn add(&mut self, e: ExpertKey, d: usize) {
         if self.hosted[d].insert(e) {
-            self.used[d] += self.expert_bytes;
+            self.used[d] += 1;
             *self.copies.entry(e).or_insert(0) += 1;
             self.refresh(self.hosts(e));
         }
@@ -465,7 +474,7 @@ impl<'h> Layout<'h> {
 
     fn remove(&mut self, e: ExpertKey, d: usize) {
         if self.hosted[d].remove(&e) {
-            self.used[d] -= self.expert_bytes;
+            self.used[d] -= 1;
             if let Some(c) = self.copies.get_mut(&e) {
                 *c = c.saturating_sub(1);
             }
@@ -599,6 +608,7 @@ mod tests {
                 worker: format!("w{}", i / 2),
                 device: format!("cpu:{}", i % 2),
                 capacity_bytes: cap,
+                expert_bytes: 0,
             })
             .collect()
     }
@@ -762,6 +772,7 @@ mod tests {
                 worker: format!("w{w}"),
                 device: "cpu:0".into(),
                 capacity_bytes: 10,
+                expert_bytes: 0,
             })
             .collect();
         let input = |devices, previous| PlanInput {
@@ -1063,5 +1074,47 @@ mod tests {
             );
         }
         assert_eq!(after.hosts((0, 0)).len(), 3);
+    }
+
+    #[test]
+    fn each_device_is_sized_at_its_own_precision() {
+        // Two devices with 100 bytes each: one holds experts at 10 bytes (f32), the
+        // other at 3 (int8). Sized at f32 everywhere only 20 of the 30 experts would fit.
+        let ex = experts(1, 30);
+        let mut devs = devices(2, 100);
+        devs[0].expert_bytes = 10;
+        devs[1].expert_bytes = 3;
+        let p = plan(&PlanInput {
+            experts: &ex,
+            expert_bytes: 10,
+            devices: &devs,
+            replicas: 1,
+            previous: None,
+            load: None,
+            extra_copies: 0,
+        })
+        .unwrap();
+        assert!(p.missing(&ex).is_empty(), "{p:?}");
+        let on = |d: usize| p.assignments.get(&devs[d]).map_or(0, BTreeSet::len) as u64;
+        assert!(on(0) * 10 <= 100, "{p:?}");
+        assert!(on(1) * 3 <= 100, "{p:?}");
+        assert_eq!(on(0) + on(1), 30);
+
+        // The same devices sized at the plan's f32 default cannot hold them all.
+        devs[1].expert_bytes = 0;
+        let err = plan(&PlanInput {
+            experts: &ex,
+            expert_bytes: 10,
+            devices: &devs,
+            replicas: 1,
+            previous: None,
+            load: None,
+            extra_copies: 0,
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, PlacementError::InsufficientCapacity(ref m) if m.len() == 10),
+            "{err}"
+        );
     }
 }

@@ -48,11 +48,18 @@ fn device_label(d: &Device) -> String {
 
 impl CandleExperts {
     /// The device precision for a `--dtype`: f32 stays f32, bf16 is bf16 (f16 is
-    /// available through [`CandleExperts::load`] directly).
-    pub fn device_dtype(dtype: WeightDtype) -> DType {
+    /// available through [`CandleExperts::load`] directly). Int8 blocks are a format of
+    /// the CPU kernel only: asking for them on a candle device is an error naming both.
+    pub fn device_dtype(dtype: WeightDtype) -> Result<DType, ModelError> {
         match dtype {
-            WeightDtype::F32 => DType::F32,
-            WeightDtype::Bf16 => DType::BF16,
+            WeightDtype::F32 => Ok(DType::F32),
+            WeightDtype::Bf16 => Ok(DType::BF16),
+            WeightDtype::Int8 => Err(ModelError::InvalidInput {
+                field: "dtype",
+                reason: "int8 experts run on the CPU kernel (`cpu:N` devices); candle devices \
+                         take f32 or bf16"
+                    .into(),
+            }),
         }
     }
 

@@ -272,6 +272,64 @@ impl Checkpoint {
     /// an FP8 scale would need scales of its own, a chain a hostile header could make
     /// as deep as it likes).
     fn read_f32(&self, name: &str, shape: &[usize], fp8: bool) -> Result<Vec<f32>, ModelError> {
+        let (info, bytes) = self.checked(name, shape, fp8)?;
+        if info.dtype == Dtype::F8_E4M3 {
+            let [rows, cols] = *shape else {
+                return Err(self.not_2d(name, shape));
+            };
+            let mut out = Vec::with_capacity(rows * cols);
+            self.for_each_row(name, [rows, cols], |row| out.extend_from_slice(row))?;
+            return Ok(out);
+        }
+        let mut out = vec![0f32; bytes.len() / elem_bytes(info.dtype)];
+        decode(info.dtype, bytes, &mut out);
+        Ok(out)
+    }
+
+    /// Reads the 2-D tensor `name`, checks it has exactly `shape`, and hands it to `f` one
+    /// row at a time, converted to f32 (FP8 rows multiplied by their block scales). Only
+    /// one row of f32 exists at a time, so a caller that stores rows in bf16 or int8
+    /// never holds an f32 copy of the tensor.
+    pub fn for_each_row(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        mut f: impl FnMut(&[f32]),
+    ) -> Result<(), ModelError> {
+        let (info, bytes) = self.checked(name, &shape, true)?;
+        let [rows, cols] = shape;
+        let elem = elem_bytes(info.dtype);
+        let scales = if info.dtype == Dtype::F8_E4M3 {
+            Some(self.fp8_scales(name, rows, cols)?)
+        } else {
+            None
+        };
+        let mut row = vec![0f32; cols];
+        for r in 0..rows {
+            decode(
+                info.dtype,
+                &bytes[r * cols * elem..(r + 1) * cols * elem],
+                &mut row,
+            );
+            if let Some((br, bc, sc, scales)) = &scales {
+                let srow = &scales[(r / br) * sc..(r / br + 1) * sc];
+                for (c, v) in row.iter_mut().enumerate() {
+                    *v *= srow[c / bc];
+                }
+            }
+            f(&row);
+        }
+        Ok(())
+    }
+
+    /// The tensor's header entry and bytes, after checking its shape, its dtype (FP8
+    /// only where `fp8`) and that its bytes hold exactly that many values.
+    fn checked(
+        &self,
+        name: &str,
+        shape: &[usize],
+        fp8: bool,
+    ) -> Result<(&TensorInfo, &[u8]), ModelError> {
         let (shard, info, bytes) = self.raw(name)?;
         if info.shape != shape {
             return Err(ModelError::Shape {
@@ -281,17 +339,19 @@ impl Checkpoint {
                 actual: info.shape.clone(),
             });
         }
-        let dtype_err = || ModelError::Dtype {
-            name: name.to_owned(),
-            path: shard.path.clone(),
-            dtype: format!("{:?}", info.dtype),
+        let supported = match info.dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => true,
+            Dtype::F8_E4M3 => fp8,
+            _ => false,
         };
-        let elem = match info.dtype {
-            Dtype::F32 => 4,
-            Dtype::BF16 | Dtype::F16 => 2,
-            Dtype::F8_E4M3 if fp8 => 1,
-            _ => return Err(dtype_err()),
-        };
+        if !supported {
+            return Err(ModelError::Dtype {
+                name: name.to_owned(),
+                path: shard.path.clone(),
+                dtype: format!("{:?}", info.dtype),
+            });
+        }
+        let elem = elem_bytes(info.dtype);
         // The header was checked against the data, but the values are counted here too,
         // before any indexing by shape.
         let n = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
@@ -304,38 +364,24 @@ impl Checkpoint {
                 ),
             });
         }
-        Ok(match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => {
-                let raw: Vec<f32> = bytes.iter().map(|b| fp8_e4m3_to_f32(*b)).collect();
-                self.dequantise_fp8(name, shape, raw)?
-            }
-        })
+        Ok((info, bytes))
     }
 
-    fn dequantise_fp8(
+    fn not_2d(&self, name: &str, shape: &[usize]) -> ModelError {
+        ModelError::Checkpoint {
+            path: self.dir.clone(),
+            reason: format!("FP8 tensor `{name}` must be 2-D, has shape {shape:?}"),
+        }
+    }
+
+    /// An FP8 tensor's block size and its `<name>_scale_inv` block scales:
+    /// `(block rows, block cols, scale columns, scales)`.
+    fn fp8_scales(
         &self,
         name: &str,
-        shape: &[usize],
-        mut w: Vec<f32>,
-    ) -> Result<Vec<f32>, ModelError> {
-        let [rows, cols] = shape else {
-            return Err(ModelError::Checkpoint {
-                path: self.dir.clone(),
-                reason: format!("FP8 tensor `{name}` must be 2-D, has shape {shape:?}"),
-            });
-        };
+        rows: usize,
+        cols: usize,
+    ) -> Result<(usize, usize, usize, Vec<f32>), ModelError> {
         let (br, bc) = self.fp8_block.ok_or_else(|| ModelError::Checkpoint {
             path: self.dir.join("config.json"),
             reason: format!(
@@ -352,13 +398,42 @@ impl Checkpoint {
         let sr = rows.div_ceil(br);
         let sc = cols.div_ceil(bc);
         let scales = self.read_f32(&scale_name, &[sr, sc], false)?;
-        for r in 0..*rows {
-            let srow = &scales[(r / br) * sc..(r / br + 1) * sc];
-            for (c, v) in w[r * cols..(r + 1) * cols].iter_mut().enumerate() {
-                *v *= srow[c / bc];
+        Ok((br, bc, sc, scales))
+    }
+}
+
+/// Bytes of one stored value of a dtype [`Checkpoint::checked`] accepts.
+fn elem_bytes(dtype: Dtype) -> usize {
+    match dtype {
+        Dtype::F32 => 4,
+        Dtype::BF16 | Dtype::F16 => 2,
+        _ => 1,
+    }
+}
+
+/// Converts stored values (`out.len()` of them) to f32; FP8 without its block scales.
+fn decode(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
-        Ok(w)
+        Dtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        Dtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        _ => {
+            for (o, b) in out.iter_mut().zip(bytes) {
+                *o = fp8_e4m3_to_f32(*b);
+            }
+        }
     }
 }
 

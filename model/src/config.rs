@@ -243,7 +243,14 @@ impl ModelSpec {
 
     /// Bytes of one routed expert's weights once loaded in f32.
     pub fn expert_bytes_f32(&self) -> usize {
-        3 * self.hidden_size * self.moe.intermediate_size * 4
+        self.expert_bytes(crate::WeightDtype::F32)
+    }
+
+    /// Bytes of one routed expert's weights stored in `dtype` (gate and up fused into
+    /// `[2I, H]`, down `[H, I]`), as the CPU kernel and the candle store hold them.
+    pub fn expert_bytes(&self, dtype: crate::WeightDtype) -> usize {
+        let (h, i) = (self.hidden_size, self.moe.intermediate_size);
+        dtype.matrix_bytes(2 * i, h) + dtype.matrix_bytes(h, i)
     }
 
     /// Floats per token per layer held in the KV cache.

@@ -63,7 +63,7 @@ impl StoreDevice {
             )?),
             StoreDevice::Candle(device) => Box::new(CandleExperts::load(
                 device,
-                CandleExperts::device_dtype(dtype),
+                CandleExperts::device_dtype(dtype)?,
                 ckpt,
                 spec,
                 which,

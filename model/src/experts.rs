@@ -11,7 +11,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelSpec;
 use crate::error::ModelError;
 use crate::expert_store::{check_expert, group_rows, ExpertStore};
-use crate::linalg::{silu, Linear, WeightDtype};
+use crate::linalg::{silu, Linear, LinearBuilder, WeightDtype};
 use crate::progress::Progress;
 
 pub use crate::expert_backend::{ExpertBackend, ExpertError, MoeRequest, NO_EXPERT};
@@ -32,12 +32,17 @@ impl Ffn {
         intermediate: usize,
         dtype: WeightDtype,
     ) -> Result<Ffn, ModelError> {
-        let mut gu = ckpt.tensor_f32(&names[0], &[intermediate, hidden])?;
-        gu.extend(ckpt.tensor_f32(&names[1], &[intermediate, hidden])?);
-        let down = ckpt.tensor_f32(&names[2], &[hidden, intermediate])?;
+        // Row by row into the storage precision: a bf16 or int8 expert (from an FP8,
+        // bf16 or f32 checkpoint) never exists as f32.
+        let mut gate_up = LinearBuilder::new(2 * intermediate, hidden, dtype);
+        for name in &names[..2] {
+            ckpt.for_each_row(name, [intermediate, hidden], |r| gate_up.push_row(r))?;
+        }
+        let mut down = LinearBuilder::new(hidden, intermediate, dtype);
+        ckpt.for_each_row(&names[2], [hidden, intermediate], |r| down.push_row(r))?;
         Ok(Ffn {
-            gate_up: Linear::new(gu, 2 * intermediate, hidden, None, dtype),
-            down: Linear::new(down, hidden, intermediate, None, dtype),
+            gate_up: gate_up.finish(None),
+            down: down.finish(None),
             intermediate,
         })
     }

@@ -6,12 +6,14 @@
 //!   experts and the [`ExpertBackend`] seam that the router fills with remote workers;
 //!   [`expert_store`]: what a device hosts ([`ExpertStore`]: the CPU kernel's
 //!   [`LocalExperts`] or [`CandleExperts`] on a candle device).
+//! - [`agreement`]: how close a lower precision (int8, bf16) stays to f32.
 //! - [`kv_cache`], [`attention`], [`rope`], [`routing`], [`linalg`]: the blocks.
 //! - [`sampling`], [`stop`], [`tokenizer`]: from logits to text.
 //! - [`tiny`]: writes small random-weight checkpoints in the exact Hugging Face format.
 //! - `fuzzing`: the bodies of the fuzz targets over checkpoint files and tokenizer input
 //!   (`fuzz/`).
 
+pub mod agreement;
 pub mod attention;
 pub mod candle_experts;
 pub mod chat_templates;

@@ -43,6 +43,36 @@ impl std::str::FromStr for WeightDtype {
     }
 }
 
+impl WeightDtype {
+    /// The name `--dtype` takes (`f32`, `bf16`, `int8`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+            WeightDtype::Int8 => "int8",
+        }
+    }
+
+    /// Bytes of a `[rows, cols]` weight matrix stored in this precision (int8: rows
+    /// padded to whole block pairs, one bf16 scale per 32 weights).
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> usize {
+        match self {
+            WeightDtype::F32 => rows * cols * 4,
+            WeightDtype::Bf16 => rows * cols * 2,
+            WeightDtype::Int8 => {
+                let kp = cols.div_ceil(q8::PAD).max(1) * q8::PAD;
+                rows * (kp + kp / q8::BLOCK * 2)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 enum Weights {
     F32(Vec<f32>),
     Bf16(Vec<u16>),

@@ -30,6 +30,7 @@ struct SharedExpert {
     gate: Option<Linear>,
 }
 
+#[allow(clippy::large_enum_variant)] // one per layer, built once
 enum LayerFfn {
     Dense(Ffn),
     Moe {

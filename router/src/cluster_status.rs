@@ -35,6 +35,8 @@ pub fn status(plan: &PlacementPlan, spec: &ModelSpec, metrics: &RouterMetrics) -
             json!({
                 "worker": slot.worker,
                 "device": slot.device,
+                "capacity_bytes": slot.capacity_bytes,
+                "bytes_per_expert": if slot.expert_bytes > 0 { slot.expert_bytes } else { spec.expert_bytes_f32() as u64 },
                 "experts": experts.iter().map(|(l, e)| json!([l, e])).collect::<Vec<_>>(),
                 "tokens": load,
             })

@@ -159,6 +159,7 @@ mod tests {
             worker: "w".into(),
             device: d.into(),
             capacity_bytes: 0,
+            expert_bytes: 0,
         }
     }
 

@@ -195,6 +195,8 @@ pub async fn run_router(
                 dtype: cfg.dtype,
                 worker_id: "local".into(),
                 test_panic_at_compute: None,
+                threads_per_device: None,
+                capacity_bytes: 0,
             })
             .await?;
             let slots: Vec<DeviceSlot> = node
@@ -204,6 +206,7 @@ pub async fn run_router(
                     worker: "local".into(),
                     device: d,
                     capacity_bytes: 0,
+                    expert_bytes: spec.expert_bytes(cfg.dtype) as u64,
                 })
                 .collect();
             let experts = expert_keys(&spec);

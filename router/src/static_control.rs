@@ -190,6 +190,7 @@ fn device_slots(addr: &str, info: &InfoResponse) -> Vec<DeviceSlot> {
             worker: addr.to_owned(),
             device: d.name.clone(),
             capacity_bytes: d.capacity_bytes,
+            expert_bytes: d.bytes_per_expert,
         })
         .collect()
 }

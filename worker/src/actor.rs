@@ -1,7 +1,8 @@
 //! The device actor: one per device, holding that device's experts (an
-//! [`ExpertStore`]: the CPU kernel or a candle device) in its state. Messages are handled one at a time, so a load never races a compute on the
-//! same device; the math runs in `spawn_blocking` (it uses rayon inside) so the async
-//! runtime is never starved.
+//! [`ExpertStore`]: the CPU kernel or a candle device) in its state. Messages are
+//! handled one at a time, so a load never races a compute on the same device; the math
+//! runs in `spawn_blocking`, on the device's own threads, so the async runtime is never
+//! starved and two devices do not share one pool.
 //!
 //! Loading reads the checkpoint outside the actor (the node does it, then sends the
 //! experts in), so a long read never stalls this device's computes. After every change
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use moe_model::experts::MoeRequest;
-use moe_model::{ExpertBackend, ExpertError, ExpertStore};
+use moe_model::{ExpertError, ExpertStore};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::error::WorkerError;
@@ -133,15 +134,18 @@ impl DeviceState {
             .with_label_values(&[layer.to_string().as_str(), self.name()])
             .inc_by(slots as u64);
         let start = Instant::now();
+        let core = Arc::clone(&self.core);
+        let index = self.index;
         let result = tokio::task::spawn_blocking(move || {
-            experts.forward(&MoeRequest {
+            let req = MoeRequest {
                 layer,
                 hidden,
                 top_k,
                 rows: &rows,
                 expert_ids: &ids,
                 weights: &weights,
-            })
+            };
+            core.devices[index].run(|| experts.forward(&req))
         })
         .await
         .unwrap_or_else(|e| {
@@ -167,13 +171,16 @@ pub(crate) async fn load_experts(
 ) -> Result<Box<dyn ExpertStore>, WorkerError> {
     let core = Arc::clone(core);
     tokio::task::spawn_blocking(move || {
-        core.devices[index].load(
-            &core.ckpt,
-            &core.spec,
-            &which,
-            core.dtype,
-            &moe_model::progress::quiet,
-        )
+        let host = &core.devices[index];
+        host.run(|| {
+            host.store.load(
+                &core.ckpt,
+                &core.spec,
+                &which,
+                core.dtype,
+                &moe_model::progress::quiet,
+            )
+        })
     })
     .await
     .map_err(|e| WorkerError::Actor(format!("expert loading task failed: {e}")))?

@@ -31,6 +31,12 @@ pub struct NodeConfig {
     pub dtype: moe_model::WeightDtype,
     /// This worker's identifier (reported by `Info`).
     pub worker_id: String,
+    /// Compute threads of each device that computes on the host (`cpu:N`,
+    /// `candle-cpu:N`); `None` splits the available cores evenly between them.
+    pub threads_per_device: Option<usize>,
+    /// Bytes each device may give to expert weights, announced to the placement
+    /// (0: unlimited).
+    pub capacity_bytes: u64,
     /// Test hook: the device actor that performs the Nth compute (1-based, counted per
     /// node) panics once.
     pub test_panic_at_compute: Option<u64>,
@@ -56,12 +62,7 @@ pub struct DeviceName {
 
 impl fmt::Display for DeviceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::CandleCpu => "candle-cpu",
-            DeviceKind::Cuda => "cuda",
-        };
-        write!(f, "{kind}:{}", self.ordinal)
+        write!(f, "{}:{}", self.kind.as_str(), self.ordinal)
     }
 }
 
@@ -94,6 +95,17 @@ impl std::str::FromStr for DeviceName {
             }
         };
         Ok(DeviceName { kind, ordinal })
+    }
+}
+
+impl DeviceKind {
+    /// The kind's name in device names and registrations.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::CandleCpu => "candle-cpu",
+            DeviceKind::Cuda => "cuda",
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 //!   start, load/unload experts, compute a MoE layer, info, stop.
 //! - `supervisor` and `actor`: one ractor `DeviceActor` per device under a supervisor that
 //!   restarts a failed device and reloads the experts it held; `slot` is the shared view
-//!   of each device (its live actor and the experts it holds).
+//!   of each device (its live actor and the experts it holds); `device` opens each
+//!   device with its own compute threads and the sizes it announces.
 //! - `fanout`: splits a request's expert slots among the devices and adds the partial sums
 //!   back together.
 //! - [`server`]: the gRPC `ExpertService` (plus health and reflection) over a [`Node`];
@@ -16,6 +17,7 @@
 
 mod actor;
 pub mod config;
+mod device;
 pub mod error;
 mod fanout;
 #[doc(hidden)]

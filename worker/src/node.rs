@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use moe_model::checkpoint::Checkpoint;
 use moe_model::experts::MoeRequest;
-use moe_model::{ExpertError, ModelSpec, StoreDevice, WeightDtype};
+use moe_model::{ExpertError, ModelSpec, WeightDtype};
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinSet;
 
 use crate::actor::{load_experts, DeviceMsg};
 use crate::config::{parse_devices, NodeConfig};
+use crate::device::{open_devices, DeviceHost};
 use crate::error::WorkerError;
 use crate::fanout;
 use crate::metrics::WorkerMetrics;
@@ -47,8 +48,8 @@ pub(crate) struct NodeCore {
     pub ckpt: Arc<Checkpoint>,
     pub dtype: WeightDtype,
     pub slots: Vec<DeviceSlot>,
-    /// Where each device's experts live, by device index.
-    pub devices: Vec<StoreDevice>,
+    /// Each device (where its experts live, its threads, its sizes), by device index.
+    pub devices: Vec<DeviceHost>,
     pub metrics: Arc<WorkerMetrics>,
     /// Set by [`Node::stop`]: the supervisor no longer restarts actors.
     pub stopping: AtomicBool,
@@ -71,6 +72,16 @@ pub struct DeviceState {
     pub experts: Vec<(usize, u32)>,
     /// Bytes of expert weights held.
     pub expert_bytes: u64,
+    /// What computes them: `cpu` (the CPU kernel), `candle-cpu` or `cuda`.
+    pub kind: &'static str,
+    /// Their storage precision.
+    pub dtype: WeightDtype,
+    /// Bytes one expert takes on this device.
+    pub bytes_per_expert: u64,
+    /// Bytes the device may give to experts (0: unlimited).
+    pub capacity_bytes: u64,
+    /// Its compute threads (0 for a GPU).
+    pub threads: usize,
 }
 
 /// A copy: (device index, (layer, expert)).
@@ -106,10 +117,6 @@ impl Node {
     pub async fn start(cfg: NodeConfig) -> Result<Node, WorkerError> {
         let devices = parse_devices(&cfg.devices)?;
         let names: Vec<String> = devices.iter().map(ToString::to_string).collect();
-        let stores = devices
-            .iter()
-            .map(|d| d.open())
-            .collect::<Result<Vec<_>, _>>()?;
         let dir = cfg.model_dir.clone();
         let (spec, ckpt) = tokio::task::spawn_blocking(move || {
             let spec = ModelSpec::from_dir(&dir)?;
@@ -118,6 +125,13 @@ impl Node {
         })
         .await
         .map_err(|e| WorkerError::Actor(format!("opening the checkpoint failed: {e}")))??;
+        let hosts = open_devices(
+            &devices,
+            &spec,
+            cfg.dtype,
+            cfg.threads_per_device,
+            cfg.capacity_bytes,
+        )?;
         let metrics = WorkerMetrics::new(&names)
             .map_err(|e| WorkerError::Actor(format!("metrics registry: {e}")))?;
         let core = Arc::new(NodeCore {
@@ -125,7 +139,7 @@ impl Node {
             ckpt: Arc::new(ckpt),
             dtype: cfg.dtype,
             slots: names.iter().cloned().map(DeviceSlot::new).collect(),
-            devices: stores,
+            devices: hosts,
             metrics: Arc::new(metrics),
             stopping: AtomicBool::new(false),
         });
@@ -505,12 +519,18 @@ impl Node {
                 .core
                 .slots
                 .iter()
-                .map(|s| {
+                .zip(&self.inner.core.devices)
+                .map(|(s, d)| {
                     let h = s.hosted();
                     DeviceState {
                         name: s.name.clone(),
                         experts: h.experts.into_iter().collect(),
                         expert_bytes: h.bytes,
+                        kind: d.kind(),
+                        dtype: self.inner.core.dtype,
+                        bytes_per_expert: d.bytes_per_expert,
+                        capacity_bytes: d.capacity_bytes,
+                        threads: d.threads(),
                     }
                 })
                 .collect(),

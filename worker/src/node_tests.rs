@@ -29,6 +29,8 @@ fn config(dir: &std::path::Path, devices: &[&str], panic_at: Option<u64>) -> Nod
         dtype: WeightDtype::F32,
         worker_id: "w-test".into(),
         test_panic_at_compute: panic_at,
+        threads_per_device: None,
+        capacity_bytes: 0,
     }
 }
 

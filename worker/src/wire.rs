@@ -177,7 +177,10 @@ pub fn info_to_wire(info: &NodeInfo, spec: &ModelSpec) -> InfoResponse {
                     })
                     .collect(),
                 expert_bytes: d.expert_bytes,
-                capacity_bytes: 0,
+                capacity_bytes: d.capacity_bytes,
+                kind: d.kind.to_owned(),
+                dtype: d.dtype.as_str().to_owned(),
+                bytes_per_expert: d.bytes_per_expert,
             })
             .collect(),
         placement_version: info.placement_version,

@@ -74,6 +74,8 @@ async fn dispatches_over_the_row_limit_are_refused_before_decoding() {
         dtype: WeightDtype::F32,
         worker_id: "limits-test".into(),
         test_panic_at_compute: None,
+        threads_per_device: None,
+        capacity_bytes: 0,
     })
     .await
     .unwrap();

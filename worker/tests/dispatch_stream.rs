@@ -90,6 +90,8 @@ async fn start_worker(panic_at: Option<u64>) -> Worker {
         dtype: WeightDtype::F32,
         worker_id: "worker-test".into(),
         test_panic_at_compute: panic_at,
+        threads_per_device: None,
+        capacity_bytes: 0,
     })
     .await
     .unwrap();

@@ -58,6 +58,9 @@ pub fn record(id: &str) -> WorkerRecord {
         devices: vec![DeviceRecord {
             name: "cpu:0".into(),
             capacity_bytes: 1 << 30,
+            kind: "cpu".into(),
+            dtype: "f32".into(),
+            expert_bytes: 0,
         }],
         version: "test".into(),
         draining: false,

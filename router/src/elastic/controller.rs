@@ -279,6 +279,7 @@ impl Controller {
                     worker: r.worker_id.clone(),
                     device: d.name.clone(),
                     capacity_bytes: d.capacity_bytes,
+                    expert_bytes: d.expert_bytes,
                 })
             })
             .collect();

@@ -32,6 +32,9 @@ pub struct DocDevice {
     pub worker: String,
     pub device: String,
     pub capacity_bytes: u64,
+    /// Bytes one expert takes on the device (0: the model's f32 size).
+    #[serde(default)]
+    pub expert_bytes: u64,
     pub experts: Vec<(usize, u32)>,
 }
 
@@ -48,6 +51,7 @@ impl PlacementDoc {
                             worker: d.worker.clone(),
                             device: d.device.clone(),
                             capacity_bytes: d.capacity_bytes,
+                            expert_bytes: d.expert_bytes,
                         },
                         d.experts.iter().copied().collect(),
                     )
@@ -73,6 +77,7 @@ impl PlacementDoc {
                     worker: slot.worker.clone(),
                     device: slot.device.clone(),
                     capacity_bytes: slot.capacity_bytes,
+                    expert_bytes: slot.expert_bytes,
                     experts: set.iter().copied().collect(),
                 })
                 .collect(),
@@ -161,6 +166,7 @@ mod tests {
                 worker: "w0".into(),
                 device: "cpu:0".into(),
                 capacity_bytes: 0,
+                expert_bytes: 4096,
                 experts: vec![(0, 1), (1, 2)],
             }],
         }
