@@ -38,7 +38,9 @@ if ! have "$RUNTIME_IMAGE"; then
   $SUDO rm -rf "$root"; trap - EXIT
 fi
 
-if ! have "$RUST_IMAGE"; then
+# MOE_BASE_IMAGES=runtime: only the runtime image (an image of a prebuilt binary needs
+# no build stage; scripts/build-image.sh with MOE_IMAGE_BINARY).
+if [ "${MOE_BASE_IMAGES:-all}" != runtime ] && ! have "$RUST_IMAGE"; then
   ctx=$(mktemp -d /tmp/moe-rust-ctx.XXXXXX)
   trap 'rm -rf "$ctx"' EXIT
   sysroot=$(rustc --print sysroot)
