@@ -17,6 +17,8 @@
 mod q8;
 #[cfg(target_arch = "x86_64")]
 mod q8_x86;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 use rayon::prelude::*;
 
@@ -156,11 +158,8 @@ impl Linear {
             return Vec::new();
         }
         let mut y = vec![0f32; m * n];
-        let xq = match &self.w {
-            Weights::Int8(q) => Some(q8::quantise_rows(x, m, self.in_dim, q.kp)),
-            _ => None,
-        };
-        let xq = xq.as_ref();
+        let prepared = self.prepare(x, m);
+        let xq = &prepared;
         let threads = rayon::current_num_threads().max(1);
         let out = OutPtr(y.as_mut_ptr());
         if n * self.in_dim * m < PARALLEL_MIN_WORK || threads == 1 {
@@ -186,14 +185,22 @@ impl Linear {
         y
     }
 
+    /// `x` in the form this layer's kernel reads, once per product.
+    fn prepare(&self, x: &[f32], m: usize) -> Prepared {
+        match &self.w {
+            Weights::Int8(q) => Prepared::Q8(q8::quantise_rows(x, m, self.in_dim, q.kp)),
+            _ => Prepared::AsIs,
+        }
+    }
+
     /// # Safety
     /// `out` points at an `[m, out_dim]` buffer; no other thread writes `rows`. `xq` is
-    /// `x` quantised, for int8 weights.
+    /// `x` prepared by [`Linear::prepare`].
     unsafe fn rows_into(
         &self,
         rows: std::ops::Range<usize>,
         x: &[f32],
-        xq: Option<&q8::Q8Rows>,
+        xq: &Prepared,
         m: usize,
         out: OutPtr,
     ) {
@@ -220,13 +227,20 @@ impl Linear {
                 portable::rows(w, x, k, m, base, n, |v: &u16| bf16_to_f32(*v));
             }
             Weights::Int8(q) => {
-                let Some(xq) = xq else {
-                    unreachable!("forward quantises x for int8 weights")
+                let Prepared::Q8(xq) = xq else {
+                    unreachable!("prepare quantises x for int8 weights")
                 };
                 q8::rows_into(*Q8_KERNEL, q, rows, xq, base, n);
             }
         }
     }
+}
+
+/// A product's input as its kernel reads it.
+enum Prepared {
+    AsIs,
+    /// Quantised rows, for int8 weights.
+    Q8(q8::Q8Rows),
 }
 
 /// The int8 kernel for this CPU, chosen once.
@@ -328,162 +342,6 @@ mod portable {
 #[inline]
 fn hsum8(a: &[f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
-}
-
-#[cfg(target_arch = "x86_64")]
-mod simd {
-    use std::arch::x86_64::*;
-
-    pub(super) fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn load_f32(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn load_bf16(p: *const u16) -> __m256 {
-        let h = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn finish(acc: __m256) -> f32 {
-        let mut a = [0f32; 8];
-        _mm256_storeu_ps(a.as_mut_ptr(), acc);
-        super::hsum8(&a)
-    }
-
-    /// Tokens per cache block of the kernel (even, so 2-token tiles stay aligned).
-    const TOKEN_BLOCK: usize = 32;
-
-    macro_rules! kernel {
-        ($name:ident, $wty:ty, $load:ident, $conv:expr) => {
-            /// All of `w`'s rows against all `m` token rows of `x`; element (r, t) goes to
-            /// `out[t * ldo + r]`. Tiles of 4 weight rows × 2 tokens keep 8 accumulators
-            /// and 6 operands in registers; each element's arithmetic is the same in
-            /// every tile shape.
-            ///
-            /// # Safety
-            /// `out` must be valid for writes at every `t * ldo + r` (t < m, r < rows).
-            #[target_feature(enable = "avx2,fma")]
-            pub(super) unsafe fn $name(
-                w: &[$wty],
-                x: &[f32],
-                k: usize,
-                m: usize,
-                out: *mut f32,
-                ldo: usize,
-            ) {
-                let n = w.len() / k;
-                assert!(x.len() >= m * k && w.len() == n * k && ldo >= n);
-                let kk = k / 8 * 8;
-                let wp = w.as_ptr();
-                let xp = x.as_ptr();
-                // Finishes an element from its vector accumulator: lane sum, then the
-                // k % 8 leftover products in order.
-                let complete = |acc: __m256, r: usize, t: usize| -> f32 {
-                    let mut s = finish(acc);
-                    for j in kk..k {
-                        s += $conv(&w[r * k + j]) * x[t * k + j];
-                    }
-                    s
-                };
-                // Token blocks keep their rows of x in L2 while every weight row block
-                // streams past; without this, prefill re-reads x from memory per row block.
-                let mut t_lo = 0;
-                while t_lo < m {
-                    let t_hi = (t_lo + TOKEN_BLOCK).min(m);
-                    let mut r = 0;
-                    while r + 4 <= n {
-                        let w0 = wp.add(r * k);
-                        let w1 = wp.add((r + 1) * k);
-                        let w2 = wp.add((r + 2) * k);
-                        let w3 = wp.add((r + 3) * k);
-                        let mut t = t_lo;
-                        while t + 2 <= t_hi {
-                            let x0 = xp.add(t * k);
-                            let x1 = xp.add((t + 1) * k);
-                            let z = _mm256_setzero_ps();
-                            let (mut a00, mut a01, mut a10, mut a11) = (z, z, z, z);
-                            let (mut a20, mut a21, mut a30, mut a31) = (z, z, z, z);
-                            let mut i = 0;
-                            while i < kk {
-                                let v0 = _mm256_loadu_ps(x0.add(i));
-                                let v1 = _mm256_loadu_ps(x1.add(i));
-                                let q = $load(w0.add(i));
-                                a00 = _mm256_fmadd_ps(q, v0, a00);
-                                a01 = _mm256_fmadd_ps(q, v1, a01);
-                                let q = $load(w1.add(i));
-                                a10 = _mm256_fmadd_ps(q, v0, a10);
-                                a11 = _mm256_fmadd_ps(q, v1, a11);
-                                let q = $load(w2.add(i));
-                                a20 = _mm256_fmadd_ps(q, v0, a20);
-                                a21 = _mm256_fmadd_ps(q, v1, a21);
-                                let q = $load(w3.add(i));
-                                a30 = _mm256_fmadd_ps(q, v0, a30);
-                                a31 = _mm256_fmadd_ps(q, v1, a31);
-                                i += 8;
-                            }
-                            for (dr, (c0, c1)) in [(a00, a01), (a10, a11), (a20, a21), (a30, a31)]
-                                .into_iter()
-                                .enumerate()
-                            {
-                                *out.add(t * ldo + r + dr) = complete(c0, r + dr, t);
-                                *out.add((t + 1) * ldo + r + dr) = complete(c1, r + dr, t + 1);
-                            }
-                            t += 2;
-                        }
-                        if t < t_hi {
-                            let x0 = xp.add(t * k);
-                            let z = _mm256_setzero_ps();
-                            let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
-                            let mut i = 0;
-                            while i < kk {
-                                let v0 = _mm256_loadu_ps(x0.add(i));
-                                a0 = _mm256_fmadd_ps($load(w0.add(i)), v0, a0);
-                                a1 = _mm256_fmadd_ps($load(w1.add(i)), v0, a1);
-                                a2 = _mm256_fmadd_ps($load(w2.add(i)), v0, a2);
-                                a3 = _mm256_fmadd_ps($load(w3.add(i)), v0, a3);
-                                i += 8;
-                            }
-                            for (dr, c) in [a0, a1, a2, a3].into_iter().enumerate() {
-                                *out.add(t * ldo + r + dr) = complete(c, r + dr, t);
-                            }
-                        }
-                        r += 4;
-                    }
-                    while r < n {
-                        let w0 = wp.add(r * k);
-                        for t in t_lo..t_hi {
-                            let x0 = xp.add(t * k);
-                            let mut a = _mm256_setzero_ps();
-                            let mut i = 0;
-                            while i < kk {
-                                a = _mm256_fmadd_ps(
-                                    $load(w0.add(i)),
-                                    _mm256_loadu_ps(x0.add(i)),
-                                    a,
-                                );
-                                i += 8;
-                            }
-                            *out.add(t * ldo + r) = complete(a, r, t);
-                        }
-                        r += 1;
-                    }
-                    t_lo = t_hi;
-                }
-            }
-        };
-    }
-
-    kernel!(rows_f32, f32, load_f32, |v: &f32| *v);
-    kernel!(rows_bf16, u16, load_bf16, |v: &u16| super::bf16_to_f32(*v));
 }
 
 /// RMSNorm of each `dim`-wide row of `x`, in place: `x / rms(x) * w`.

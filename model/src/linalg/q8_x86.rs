@@ -83,6 +83,10 @@ pub(crate) unsafe fn rows_vnni(
     }
 }
 
+/// Tokens per AVX2 tile: each weight block is loaded (and its absolute value taken)
+/// once for this many tokens; 4 × 2 accumulators and the operands fit the 16 registers.
+const AVX2_TILE: usize = 4;
+
 /// # Safety
 /// As [`super::q8::rows_into`], on a CPU where [`avx2_available`].
 #[target_feature(enable = "avx2,fma")]
@@ -93,33 +97,68 @@ pub(crate) unsafe fn rows_avx2(
     out: *mut f32,
     ldo: usize,
 ) {
+    let m = x.qs.len() / w.kp;
+    for r in rows.clone() {
+        let o = out.add(r - rows.start);
+        let mut t = 0;
+        while t + AVX2_TILE <= m {
+            avx2_tile::<AVX2_TILE>(w, r, x, t, o, ldo);
+            t += AVX2_TILE;
+        }
+        while t < m {
+            avx2_tile::<1>(w, r, x, t, o, ldo);
+            t += 1;
+        }
+    }
+}
+
+/// Row `r` of `w` against tokens `t0..t0 + T`; token t's result goes to `out[t * ldo]`.
+/// Each (row, token) keeps the canonical two accumulators (even and odd blocks).
+///
+/// # Safety
+/// As [`rows_avx2`], with `t0 + T` ≤ the number of token rows.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn avx2_tile<const T: usize>(
+    w: &Q8Matrix,
+    r: usize,
+    x: &Q8Rows,
+    t0: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
     let kp = w.kp;
     let nb = kp / BLOCK;
-    let m = x.qs.len() / kp;
     let g = kp / 4;
     let ones = _mm256_set1_epi16(1);
-    let mut sw = vec![0f32; nb];
-    for r in rows.clone() {
-        let wq = w.qs.as_ptr().add(r * kp);
-        for (b, s) in sw.iter_mut().enumerate() {
-            *s = bf16_to_f32(w.scales[r * nb + b]);
+    let wq = w.qs.as_ptr().add(r * kp);
+    let ws = w.scales.as_ptr().add(r * nb);
+    let xq = x.qs.as_ptr().add(t0 * kp);
+    let xs = x.sx.as_ptr().add(t0 * g);
+    let mut even = [_mm256_setzero_ps(); T];
+    let mut odd = [_mm256_setzero_ps(); T];
+    // One block: |w| once, then per token the sign trick, i16 pair sums to i32 lanes,
+    // and the lane group's scale product.
+    let block = |b: usize, acc: &mut [__m256; T]| {
+        let wv = _mm256_loadu_si256(wq.add(BLOCK * b) as *const _);
+        let wa = _mm256_abs_epi8(wv);
+        let s = _mm256_set1_ps(bf16_to_f32(*ws.add(b)));
+        for (i, a) in acc.iter_mut().enumerate() {
+            let xv = _mm256_loadu_si256(xq.add(i * kp + BLOCK * b) as *const _);
+            let p16 = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv));
+            let p = _mm256_madd_epi16(p16, ones);
+            let d = _mm256_mul_ps(s, _mm256_loadu_ps(xs.add(i * g + 8 * b)));
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, *a);
         }
-        for t in 0..m {
-            let xq = x.qs.as_ptr().add(t * kp);
-            let xs = x.sx.as_ptr().add(t * g);
-            let mut acc = [_mm256_setzero_ps(); 2];
-            for b in 0..nb {
-                let wv = _mm256_loadu_si256(wq.add(BLOCK * b) as *const _);
-                let xv = _mm256_loadu_si256(xq.add(BLOCK * b) as *const _);
-                let p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
-                let p = _mm256_madd_epi16(p16, ones);
-                let d = _mm256_mul_ps(_mm256_set1_ps(sw[b]), _mm256_loadu_ps(xs.add(8 * b)));
-                acc[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[b % 2]);
-            }
-            let mut lanes = [0f32; 16];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
-            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
-            *out.add(t * ldo + (r - rows.start)) = hsum16(&lanes);
-        }
+    };
+    for bp in 0..nb / 2 {
+        block(2 * bp, &mut even);
+        block(2 * bp + 1, &mut odd);
+    }
+    for i in 0..T {
+        let mut lanes = [0f32; 16];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), even[i]);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), odd[i]);
+        *out.add((t0 + i) * ldo) = hsum16(&lanes);
     }
 }
