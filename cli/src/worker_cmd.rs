@@ -74,7 +74,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "MOE_LEAVE_TIMEOUT_SECS", default_value_t = 60)]
     leave_timeout_secs: u64,
     /// Memory each device may give to expert weights, in MiB, announced to the placement
-    /// controller (0: unlimited). Hot-expert copies fill what the base placement leaves.
+    /// controller (0: unlimited on the host, 9/10 of the free memory on a GPU). Hot-expert
+    /// copies fill what the base placement leaves.
     #[arg(long, env = "MOE_CAPACITY_MIB", default_value_t = 0)]
     capacity_mib: u64,
     /// Most rows one dispatch may carry (at least the routers' --max-batch-tokens); larger

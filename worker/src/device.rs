@@ -95,6 +95,10 @@ pub(crate) fn open_devices(
                     })?;
                 Some(Arc::new(pool))
             };
+            let capacity_bytes = match capacity_bytes {
+                0 => default_capacity(name, &store)?,
+                set => set,
+            };
             Ok(DeviceHost {
                 name: *name,
                 store,
@@ -104,6 +108,32 @@ pub(crate) fn open_devices(
             })
         })
         .collect()
+}
+
+/// Share of a GPU's free memory (read when the device opens) that its experts may take
+/// when `--capacity-mib` is not given; the rest is for activations and cuBLAS.
+#[cfg(feature = "cuda")]
+const GPU_EXPERT_SHARE: (u64, u64) = (9, 10);
+
+/// The capacity a device announces when no `--capacity-mib` is given: 0 (unlimited) for
+/// host memory, 9/10 of the free memory for a GPU.
+fn default_capacity(name: &DeviceName, store: &StoreDevice) -> Result<u64, WorkerError> {
+    match store {
+        #[cfg(feature = "cuda")]
+        StoreDevice::Candle(candle_core::Device::Cuda(gpu)) => {
+            let (free, _total) = gpu.cuda_stream().context().mem_get_info().map_err(|e| {
+                WorkerError::InvalidDevice {
+                    device: name.to_string(),
+                    reason: format!("cannot read its free memory: {e}"),
+                }
+            })?;
+            Ok(free as u64 / GPU_EXPERT_SHARE.1 * GPU_EXPERT_SHARE.0)
+        }
+        _ => {
+            let _ = name;
+            Ok(0)
+        }
+    }
 }
 
 #[cfg(test)]
