@@ -8,8 +8,6 @@
 //! evenly between them (at least one thread each). A CUDA device computes on the GPU
 //! from the blocking task that calls it and has no pool.
 
-use std::sync::Arc;
-
 use moe_model::{ModelSpec, StoreDevice, WeightDtype};
 
 use crate::config::{DeviceKind, DeviceName};
@@ -20,7 +18,7 @@ pub(crate) struct DeviceHost {
     pub name: DeviceName,
     pub store: StoreDevice,
     /// The device's own compute threads (host-computing devices only).
-    pub pool: Option<Arc<rayon::ThreadPool>>,
+    pub pool: Option<rayon::ThreadPool>,
     /// Bytes one expert takes here, at the node's precision.
     pub bytes_per_expert: u64,
     /// Bytes the device may give to experts (0: unlimited).
@@ -93,10 +91,11 @@ pub(crate) fn open_devices(
                         device: name.to_string(),
                         reason: format!("cannot start its {threads} compute threads: {e}"),
                     })?;
-                Some(Arc::new(pool))
+                Some(pool)
             };
+            #[cfg(feature = "cuda")]
             let capacity_bytes = match capacity_bytes {
-                0 => default_capacity(name, &store)?,
+                0 => gpu_capacity(name, &store)?,
                 set => set,
             };
             Ok(DeviceHost {
@@ -115,11 +114,11 @@ pub(crate) fn open_devices(
 #[cfg(feature = "cuda")]
 const GPU_EXPERT_SHARE: (u64, u64) = (9, 10);
 
-/// The capacity a device announces when no `--capacity-mib` is given: 0 (unlimited) for
-/// host memory, 9/10 of the free memory for a GPU.
-fn default_capacity(name: &DeviceName, store: &StoreDevice) -> Result<u64, WorkerError> {
+/// The capacity a device announces when no `--capacity-mib` is given: 9/10 of the free
+/// memory for a GPU, 0 (unlimited) for host memory.
+#[cfg(feature = "cuda")]
+fn gpu_capacity(name: &DeviceName, store: &StoreDevice) -> Result<u64, WorkerError> {
     match store {
-        #[cfg(feature = "cuda")]
         StoreDevice::Candle(candle_core::Device::Cuda(gpu)) => {
             let (free, _total) = gpu.cuda_stream().context().mem_get_info().map_err(|e| {
                 WorkerError::InvalidDevice {
@@ -129,10 +128,7 @@ fn default_capacity(name: &DeviceName, store: &StoreDevice) -> Result<u64, Worke
             })?;
             Ok(free as u64 / GPU_EXPERT_SHARE.1 * GPU_EXPERT_SHARE.0)
         }
-        _ => {
-            let _ = name;
-            Ok(0)
-        }
+        _ => Ok(0),
     }
 }
 

@@ -19,23 +19,17 @@ pub(super) fn available() -> bool {
 /// One step of 8 f32 weights at `w` against 8 inputs.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn mac_f32(acc: __m256, w: *const f32, x: &[__m256; 1]) -> __m256 {
-    _mm256_fmadd_ps(_mm256_loadu_ps(w), x[0], acc)
-}
-
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn xload_f32(x: *const f32) -> [__m256; 1] {
-    [_mm256_loadu_ps(x)]
+unsafe fn mac_f32(acc: __m256, w: *const f32, x: __m256) -> __m256 {
+    _mm256_fmadd_ps(_mm256_loadu_ps(w), x, acc)
 }
 
 /// One step of 8 bf16 weights at `w` (widened to f32 by a shift) against 8 inputs.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn mac_bf16(acc: __m256, w: *const u16, x: &[__m256; 1]) -> __m256 {
+unsafe fn mac_bf16(acc: __m256, w: *const u16, x: __m256) -> __m256 {
     let h = _mm_loadu_si128(w as *const __m128i);
     let v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    _mm256_fmadd_ps(v, x[0], acc)
+    _mm256_fmadd_ps(v, x, acc)
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -100,16 +94,16 @@ macro_rules! kernel {
                         let (mut a20, mut a21, mut a30, mut a31) = (z, z, z, z);
                         let mut i = 0;
                         while i < kk {
-                            let v0 = xload_f32(x0.add(i));
-                            let v1 = xload_f32(x1.add(i));
-                            a00 = $mac(a00, w0.add(i), &v0);
-                            a01 = $mac(a01, w0.add(i), &v1);
-                            a10 = $mac(a10, w1.add(i), &v0);
-                            a11 = $mac(a11, w1.add(i), &v1);
-                            a20 = $mac(a20, w2.add(i), &v0);
-                            a21 = $mac(a21, w2.add(i), &v1);
-                            a30 = $mac(a30, w3.add(i), &v0);
-                            a31 = $mac(a31, w3.add(i), &v1);
+                            let v0 = _mm256_loadu_ps(x0.add(i));
+                            let v1 = _mm256_loadu_ps(x1.add(i));
+                            a00 = $mac(a00, w0.add(i), v0);
+                            a01 = $mac(a01, w0.add(i), v1);
+                            a10 = $mac(a10, w1.add(i), v0);
+                            a11 = $mac(a11, w1.add(i), v1);
+                            a20 = $mac(a20, w2.add(i), v0);
+                            a21 = $mac(a21, w2.add(i), v1);
+                            a30 = $mac(a30, w3.add(i), v0);
+                            a31 = $mac(a31, w3.add(i), v1);
                             i += 8;
                         }
                         for (dr, (c0, c1)) in [(a00, a01), (a10, a11), (a20, a21), (a30, a31)]
@@ -127,11 +121,11 @@ macro_rules! kernel {
                         let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
                         let mut i = 0;
                         while i < kk {
-                            let v0 = xload_f32(x0.add(i));
-                            a0 = $mac(a0, w0.add(i), &v0);
-                            a1 = $mac(a1, w1.add(i), &v0);
-                            a2 = $mac(a2, w2.add(i), &v0);
-                            a3 = $mac(a3, w3.add(i), &v0);
+                            let v0 = _mm256_loadu_ps(x0.add(i));
+                            a0 = $mac(a0, w0.add(i), v0);
+                            a1 = $mac(a1, w1.add(i), v0);
+                            a2 = $mac(a2, w2.add(i), v0);
+                            a3 = $mac(a3, w3.add(i), v0);
                             i += 8;
                         }
                         for (dr, c) in [a0, a1, a2, a3].into_iter().enumerate() {
@@ -147,7 +141,7 @@ macro_rules! kernel {
                         let mut a = _mm256_setzero_ps();
                         let mut i = 0;
                         while i < kk {
-                            a = $mac(a, w0.add(i), &xload_f32(x0.add(i)));
+                            a = $mac(a, w0.add(i), _mm256_loadu_ps(x0.add(i)));
                             i += 8;
                         }
                         *out.add(t * ldo + r) = complete(a, r, t);
