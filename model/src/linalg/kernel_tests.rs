@@ -30,8 +30,9 @@ fn kernels() -> Vec<(
 #[test]
 fn every_f32_kernel_matches_naive_and_is_batch_invariant() {
     // 203 rows: 4-row tiles and a remainder; 11 tokens: 4-token tiles and 3 left;
-    // k = 333: 16- and 8-lane steps with a scalar tail; 40 tokens: two token blocks.
-    for &(n, k, m) in &[(203, 333, 11), (9, 48, 40), (5, 7, 2)] {
+    // k = 333: 16- and 8-lane steps with a scalar tail; 40 tokens: two token blocks;
+    // 36 tokens: a block of 32 in tiles, then 4 read a row at a time (as 2 and 1 are).
+    for &(n, k, m) in &[(203, 333, 11), (9, 48, 40), (5, 7, 2), (7, 40, 36)] {
         let w = data(n * k, 11);
         let x = data(m * k, 12);
         let want = naive(&w, &x, n, k, m);

@@ -37,6 +37,22 @@ pub(crate) unsafe fn rows_vnni(
     if m == 1 {
         return rows_vnni_one_token(w, rows, x, out);
     }
+    if m <= STREAM_TOKENS {
+        // Few tokens: a row at a time, one sequential stream of weights per thread
+        // (see super::super::simd's STREAM_TOKENS).
+        for r in rows.clone() {
+            let o = out.add(r - rows.start);
+            let mut t = 0;
+            while t + 2 <= m {
+                vnni_tile::<1, 2>(w, r, x, t, o, ldo, false);
+                t += 2;
+            }
+            if t < m {
+                vnni_tile::<1, 1>(w, r, x, t, o, ldo, false);
+            }
+        }
+        return;
+    }
     let mut r = rows.start;
     while r < rows.end {
         let o = out.add(r - rows.start);
@@ -185,6 +201,8 @@ macro_rules! unroll {
 /// and scales and the tokens' inputs in registers, and each weight block pair loaded (and
 /// its scales expanded) serves both tokens.
 const VNNI_ROWS: usize = 4;
+/// Batches up to this many tokens are read a row at a time.
+const STREAM_TOKENS: usize = 4;
 
 /// Rows `r0..r0 + R` of `w` against tokens `t0..t0 + T`; element (r, t) goes to
 /// `out[t * ldo + r - r0]`. With `pf`, the next `R` rows are prefetched on the way (at

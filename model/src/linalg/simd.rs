@@ -42,12 +42,20 @@ unsafe fn finish(acc: __m256) -> f32 {
 
 /// Tokens per cache block of the kernel (even, so 2-token tiles stay aligned).
 const TOKEN_BLOCK: usize = 32;
+/// Token blocks up to this size (decoding, and experts' few rows) read the weights a
+/// row at a time: one sequential stream per thread instead of 4 rows interleaved. On
+/// Zen 4, `scripts/probes/weight_stream.c` read f32 rows at 19–27 GB/s per thread that
+/// way against 15–21 interleaved, and bf16 batch-1 decode went from ~85 to ~120 tokens/s
+/// (docs/benchmarks.md). Same bits: each element is still one accumulator over k in
+/// order.
+const STREAM_TOKENS: usize = 4;
 
 macro_rules! kernel {
     ($name:ident, $wty:ty, $mac:ident, $conv:expr) => {
         /// All of `w`'s rows against all `m` token rows of `x`; element (r, t) goes to
-        /// `out[t * ldo + r]`. Tiles of 4 weight rows × 2 tokens keep 8 accumulators
-        /// and the operands in registers.
+        /// `out[t * ldo + r]`. Blocks of more than `STREAM_TOKENS` tokens use tiles
+        /// of 4 weight rows × 2 tokens (8 accumulators and the operands in registers);
+        /// smaller ones a row at a time.
         ///
         /// # Safety
         /// `out` must be valid for writes at every `t * ldo + r` (t < m, r < rows).
@@ -65,6 +73,26 @@ macro_rules! kernel {
             let kk = k / 8 * 8;
             let wp = w.as_ptr();
             let xp = x.as_ptr();
+            /// One weight row against `T` consecutive token rows of `x`: one accumulator
+            /// per token over k in order.
+            #[target_feature(enable = "avx2,fma")]
+            #[inline]
+            unsafe fn row_tile<const T: usize>(
+                w: *const $wty,
+                x: *const f32,
+                k: usize,
+                kk: usize,
+            ) -> [__m256; T] {
+                let mut acc = [_mm256_setzero_ps(); T];
+                let mut i = 0;
+                while i < kk {
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        *a = $mac(*a, w.add(i), _mm256_loadu_ps(x.add(t * k + i)));
+                    }
+                    i += 8;
+                }
+                acc
+            }
             // Finishes an element from its vector accumulator: lane sum, then the
             // leftover products in order.
             let complete = |acc: __m256, r: usize, t: usize| -> f32 {
@@ -79,6 +107,28 @@ macro_rules! kernel {
             let mut t_lo = 0;
             while t_lo < m {
                 let t_hi = (t_lo + TOKEN_BLOCK).min(m);
+                let tb = t_hi - t_lo;
+                if tb <= STREAM_TOKENS {
+                    // Few tokens: the weights are read as one sequential stream, a row
+                    // at a time (see STREAM_TOKENS).
+                    let xt = xp.add(t_lo * k);
+                    for r in 0..n {
+                        let wr = wp.add(r * k);
+                        let put = |accs: &[__m256]| {
+                            for (j, a) in accs.iter().enumerate() {
+                                *out.add((t_lo + j) * ldo + r) = complete(*a, r, t_lo + j);
+                            }
+                        };
+                        match tb {
+                            1 => put(&row_tile::<1>(wr, xt, k, kk)),
+                            2 => put(&row_tile::<2>(wr, xt, k, kk)),
+                            3 => put(&row_tile::<3>(wr, xt, k, kk)),
+                            _ => put(&row_tile::<4>(wr, xt, k, kk)),
+                        }
+                    }
+                    t_lo = t_hi;
+                    continue;
+                }
                 let mut r = 0;
                 while r + 4 <= n {
                     let w0 = wp.add(r * k);

@@ -7,11 +7,12 @@
 //! sum and the leftover products in order, whatever the tile shape: a row gives the same
 //! bits alone or batched. (Not the AVX2 kernel's bits: its accumulators have 8 lanes.)
 //!
-//! Tiles are 4 weight rows × up to 4 tokens (16 accumulators, 4 inputs and a weight
-//! vector: 21 of the 32 registers), so at batch ≥ 4 each weight vector loaded feeds 4
-//! FMAs. The first token tile of each row block prefetches the next row block: at batch
-//! 1 the kernel is a stream over the weights, and the hardware prefetcher alone left it
-//! waiting on memory.
+//! Blocks of more than 4 tokens use tiles of 4 weight rows × up to 4 tokens (16
+//! accumulators, 4 inputs and a weight vector: 21 of the 32 registers), so each weight
+//! vector loaded feeds 4 FMAs; the first token tile of each row block prefetches the
+//! next row block. Up to 4 tokens (decoding, experts' few rows) read one row at a time
+//! with no software prefetch: one sequential stream, which the hardware prefetcher
+//! follows better than 4 interleaved rows (see `STREAM_TOKENS` in [`super::simd`]).
 
 use std::arch::x86_64::*;
 
@@ -45,6 +46,8 @@ unsafe fn finish(acc: __m512) -> f32 {
 const TOKEN_BLOCK: usize = 32;
 /// Weight rows per tile.
 const ROWS: usize = 4;
+/// Token blocks up to this size are read a row at a time.
+const STREAM_TOKENS: usize = 4;
 
 macro_rules! kernel512 {
     ($name:ident, $tile:ident, $wty:ty, $load:ident, $conv:expr) => {
@@ -119,6 +122,20 @@ macro_rules! kernel512 {
             let mut t_lo = 0;
             while t_lo < m {
                 let t_hi = (t_lo + TOKEN_BLOCK).min(m);
+                if t_hi - t_lo <= STREAM_TOKENS {
+                    // Few tokens: a row at a time, one sequential stream per thread
+                    // (see super::simd's STREAM_TOKENS); no software prefetch.
+                    for r in 0..n {
+                        match t_hi - t_lo {
+                            1 => $tile::<1, 1, false>(w, x, k, r, t_lo, out, ldo),
+                            2 => $tile::<1, 2, false>(w, x, k, r, t_lo, out, ldo),
+                            3 => $tile::<1, 3, false>(w, x, k, r, t_lo, out, ldo),
+                            _ => $tile::<1, 4, false>(w, x, k, r, t_lo, out, ldo),
+                        }
+                    }
+                    t_lo = t_hi;
+                    continue;
+                }
                 let mut r = 0;
                 while r + ROWS <= n {
                     let mut t = t_lo;
