@@ -62,25 +62,28 @@ fn avx512_bf16_kernel_matches_avx2_closely() {
     if !(simd::available() && simd512::available()) {
         return;
     }
-    let (n, k, m) = (37, 300, 6);
-    let w: Vec<u16> = data(n * k, 13)
-        .iter()
-        .map(|v| half::bf16::from_f32(*v).to_bits())
-        .collect();
-    let x = data(m * k, 14);
-    let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
-    // SAFETY: both outputs hold m × n values.
-    unsafe {
-        simd::rows_bf16(&w, &x, k, m, a.as_mut_ptr(), n);
-        simd512::rows_bf16(&w, &x, k, m, b.as_mut_ptr(), n);
-    }
-    for (p, q) in a.iter().zip(&b) {
-        assert!((p - q).abs() <= 1e-4 * (1.0 + p.abs()), "{p} vs {q}");
-    }
-    for t in 0..m {
-        let mut one = vec![0f32; n];
-        // SAFETY: `one` holds n values.
-        unsafe { simd512::rows_bf16(&w, &x[t * k..(t + 1) * k], k, 1, one.as_mut_ptr(), n) };
-        assert_eq!(&b[t * n..(t + 1) * n], &one[..], "token {t}");
+    // 6 tokens: tiles; 3: a row at a time; 36: a block of 32 in tiles, then 4 by rows.
+    for &(n, k, m) in &[(37, 300, 6), (37, 300, 3), (11, 64, 36)] {
+        let w: Vec<u16> = data(n * k, 13)
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        let x = data(m * k, 14);
+        let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+        // SAFETY: both outputs hold m × n values.
+        unsafe {
+            simd::rows_bf16(&w, &x, k, m, a.as_mut_ptr(), n);
+            simd512::rows_bf16(&w, &x, k, m, b.as_mut_ptr(), n);
+        }
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() <= 1e-4 * (1.0 + p.abs()), "{p} vs {q}");
+        }
+        for t in 0..m {
+            let mut one = vec![0f32; n];
+            let xt = &x[t * k..(t + 1) * k];
+            // SAFETY: `one` holds n values.
+            unsafe { simd512::rows_bf16(&w, xt, k, 1, one.as_mut_ptr(), n) };
+            assert_eq!(&b[t * n..(t + 1) * n], &one[..], "{n}x{k}x{m} token {t}");
+        }
     }
 }
