@@ -3,7 +3,7 @@
 # sm_90 (H100/H200) into its own target dir, with the CUDA 13.0 toolkit from PyPI (no
 # system CUDA needed), and prints where the binary is. The default build stays CUDA-free.
 #
-#   scripts/cuda-build.sh            # ~8 min cold on 2 cores
+#   scripts/cuda-build.sh            # ~15 min cold on 2 cores (a target dir of its own)
 #
 # Settings (environment): CUDA_VENV (.cuda/venv), CUDA_ROOT_DIR (.cuda/root),
 # CUDA_TARGET_DIR (target-cuda), CUDA_COMPUTE_CAP (90), JOBS (2).
@@ -44,11 +44,16 @@ for lib in cudart cublas cublasLt curand nvrtc; do
   [ -n "$real" ] || { echo "cuda-build: no lib$lib.so.* in $CU/lib" >&2; exit 1; }
   ln -sfn "$real" "$ROOT/lib64/lib$lib.so"
 done
-if [ ! -e "$ROOT/lib64/stubs/libcuda.so" ]; then
-  echo 'void cuda_stub_for_linking_only(void) {}' > "$ROOT/lib64/stubs/stub.c"
-  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$ROOT/lib64/stubs/libcuda.so" \
-    "$ROOT/lib64/stubs/stub.c"
-fi
+# The stub must define every driver function the binary calls (lld refuses undefined
+# symbols): all the cu* names in cuda.h, versioned and not, plus the PFN_ typedefs'
+# names (cudarc still links cuProfilerInitialize, which only cudaProfilerTypedefs.h
+# names). Empty functions: the stub is never loaded, the real driver is.
+{
+  grep -ohE '\bcu[A-Z][A-Za-z0-9_]*\b' "$CU/include/cuda.h"
+  grep -ohE '\bPFN_cu[A-Z][A-Za-z0-9_]*\b' "$CU"/include/*Typedefs.h | sed -E 's/^PFN_//; s/_v[0-9]{4,5}$//'
+} | sort -u | sed 's/.*/void &(void) {}/' >"$ROOT/lib64/stubs/stub.c"
+cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$ROOT/lib64/stubs/libcuda.so" \
+  "$ROOT/lib64/stubs/stub.c"
 
 export CUDA_ROOT="$ROOT" CUDA_PATH="$ROOT" CUDA_COMPUTE_CAP="$CAP"
 export PATH="$ROOT/bin:$PATH"
@@ -63,4 +68,10 @@ if readelf -d "$BIN" | grep -E 'RPATH|RUNPATH' | grep -q stubs; then
   exit 1
 fi
 echo "cuda-build: built $(pwd)/$BIN ($(du -h "$BIN" | cut -f1))"
+# Without debug info and gzipped it is small enough to copy to a GPU machine quickly
+# (~22 MB against ~230 MB; stripped alone it is still ~75 MB).
+objcopy --strip-debug "$BIN" "$BIN.stripped"
+gzip -9 -c "$BIN.stripped" >"$TARGET/moe-cuda.gz"
+rm -f "$BIN.stripped"
+echo "cuda-build: for the GPU machine: $(pwd)/$TARGET/moe-cuda.gz ($(du -h "$TARGET/moe-cuda.gz" | cut -f1)); gunzip it there"
 echo "cuda-build: run it on the GPU machine with scripts/gpu-check.sh"
