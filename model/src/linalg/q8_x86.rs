@@ -39,7 +39,7 @@ pub(crate) unsafe fn rows_vnni(
     }
     if m <= STREAM_TOKENS {
         // Few tokens: a row at a time, one sequential stream of weights per thread
-        // (see super::super::simd's STREAM_TOKENS).
+        // (see STREAM_TOKENS in linalg/simd.rs).
         for r in rows.clone() {
             let o = out.add(r - rows.start);
             let mut t = 0;
