@@ -44,7 +44,7 @@ unsafe fn finish(acc: __m256) -> f32 {
 const TOKEN_BLOCK: usize = 32;
 /// Token blocks up to this size (decoding, and experts' few rows) read the weights a
 /// row at a time: one sequential stream per thread instead of 4 rows interleaved. On
-/// Zen 4, `scripts/probes/weight_stream.c` read f32 rows at 19–27 GB/s per thread that
+/// Zen 4, `scripts/probes/weight_stream.c` read f32 rows at 18–27 GB/s per thread that
 /// way against 15–21 interleaved, and bf16 batch-1 decode went from ~85 to ~120 tokens/s
 /// (docs/benchmarks.md). Same bits: each element is still one accumulator over k in
 /// order.
