@@ -97,6 +97,15 @@ pub struct Linear {
 /// costs more than it saves.
 const PARALLEL_MIN_WORK: usize = 1 << 17;
 
+/// Token blocks up to this size (decoding, and experts' few rows) are read by every
+/// x86 kernel a weight row at a time: one sequential stream per thread instead of 4
+/// rows interleaved. On Zen 4, `scripts/probes/weight_stream.c` read f32 rows at
+/// 18–27 GB/s per thread that way against 15–21 interleaved, and bf16 batch-1 decode
+/// went from ~85 to ~120 tokens/s (docs/benchmarks.md). Same bits: each element is
+/// still one accumulator over k in order, so the order is free to choose per block.
+#[cfg(target_arch = "x86_64")]
+const STREAM_TOKENS: usize = 4;
+
 impl Linear {
     /// `w` is `[out_dim, in_dim]` row-major.
     pub fn new(

@@ -12,6 +12,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::q8::{bf16_to_f32, hsum16, Q8Matrix, Q8Rows, BLOCK};
+use super::STREAM_TOKENS;
 
 pub(crate) fn vnni_available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -39,7 +40,7 @@ pub(crate) unsafe fn rows_vnni(
     }
     if m <= STREAM_TOKENS {
         // Few tokens: a row at a time, one sequential stream of weights per thread
-        // (see STREAM_TOKENS in linalg/simd.rs).
+        // (see super::STREAM_TOKENS).
         for r in rows.clone() {
             let o = out.add(r - rows.start);
             let mut t = 0;
@@ -201,8 +202,6 @@ macro_rules! unroll {
 /// and scales and the tokens' inputs in registers, and each weight block pair loaded (and
 /// its scales expanded) serves both tokens.
 const VNNI_ROWS: usize = 4;
-/// Batches up to this many tokens are read a row at a time.
-const STREAM_TOKENS: usize = 4;
 
 /// Rows `r0..r0 + R` of `w` against tokens `t0..t0 + T`; element (r, t) goes to
 /// `out[t * ldo + r - r0]`. With `pf`, the next `R` rows are prefetched on the way (at

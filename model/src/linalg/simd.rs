@@ -12,6 +12,8 @@
 
 use std::arch::x86_64::*;
 
+use super::STREAM_TOKENS;
+
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
@@ -42,13 +44,6 @@ unsafe fn finish(acc: __m256) -> f32 {
 
 /// Tokens per cache block of the kernel (even, so 2-token tiles stay aligned).
 const TOKEN_BLOCK: usize = 32;
-/// Token blocks up to this size (decoding, and experts' few rows) read the weights a
-/// row at a time: one sequential stream per thread instead of 4 rows interleaved. On
-/// Zen 4, `scripts/probes/weight_stream.c` read f32 rows at 18–27 GB/s per thread that
-/// way against 15–21 interleaved, and bf16 batch-1 decode went from ~85 to ~120 tokens/s
-/// (docs/benchmarks.md). Same bits: each element is still one accumulator over k in
-/// order.
-const STREAM_TOKENS: usize = 4;
 
 macro_rules! kernel {
     ($name:ident, $wty:ty, $mac:ident, $conv:expr) => {
@@ -185,15 +180,8 @@ macro_rules! kernel {
                     r += 4;
                 }
                 while r < n {
-                    let w0 = wp.add(r * k);
                     for t in t_lo..t_hi {
-                        let x0 = xp.add(t * k);
-                        let mut a = _mm256_setzero_ps();
-                        let mut i = 0;
-                        while i < kk {
-                            a = $mac(a, w0.add(i), _mm256_loadu_ps(x0.add(i)));
-                            i += 8;
-                        }
+                        let [a] = row_tile::<1>(wp.add(r * k), xp.add(t * k), k, kk);
                         *out.add(t * ldo + r) = complete(a, r, t);
                     }
                     r += 1;

@@ -12,9 +12,11 @@
 //! vector loaded feeds 4 FMAs; the first token tile of each row block prefetches the
 //! next row block. Up to 4 tokens (decoding, experts' few rows) read one row at a time
 //! with no software prefetch: one sequential stream, which the hardware prefetcher
-//! follows better than 4 interleaved rows (see `STREAM_TOKENS` in [`super::simd`]).
+//! follows better than 4 interleaved rows (see [`super::STREAM_TOKENS`]).
 
 use std::arch::x86_64::*;
+
+use super::STREAM_TOKENS;
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -46,8 +48,6 @@ unsafe fn finish(acc: __m512) -> f32 {
 const TOKEN_BLOCK: usize = 32;
 /// Weight rows per tile.
 const ROWS: usize = 4;
-/// Token blocks up to this size are read a row at a time.
-const STREAM_TOKENS: usize = 4;
 
 macro_rules! kernel512 {
     ($name:ident, $tile:ident, $wty:ty, $load:ident, $conv:expr) => {
@@ -124,7 +124,7 @@ macro_rules! kernel512 {
                 let t_hi = (t_lo + TOKEN_BLOCK).min(m);
                 if t_hi - t_lo <= STREAM_TOKENS {
                     // Few tokens: a row at a time, one sequential stream per thread
-                    // (see super::simd's STREAM_TOKENS); no software prefetch.
+                    // (see super::STREAM_TOKENS); no software prefetch.
                     for r in 0..n {
                         match t_hi - t_lo {
                             1 => $tile::<1, 1, false>(w, x, k, r, t_lo, out, ldo),
